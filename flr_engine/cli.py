@@ -1,0 +1,239 @@
+"""The ``flr`` command line: one console script with subcommands.
+
+flr score --input rows.jsonl --output scores.jsonl      # FLR reward per row, resumable
+flr env                                                 # versions and usable backends
+flr model fetch                                         # pre-fetch the default model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from flr_engine.chat import InputError
+from flr_engine.io import ResumableWriter, RowError, parse_score_row, read_jsonl
+from flr_engine.models import ModelLoadError
+
+log = logging.getLogger("flr_engine")
+
+SCORE_EXAMPLES = """examples:
+  flr score --input rows.jsonl --output scores.jsonl
+  flr score --input rows.jsonl --output scores.jsonl --templates flr-mixed --mode official
+  flr score --input rows.jsonl --output scores.jsonl --model ./my-model --dimensions relevance
+
+input rows (JSONL, .gz ok): {"context": [{"role": "user", "content": ...}, ...], "response": "..."}
+                        or: {"prompt": "..." | [messages], "completion": "..." | [messages]}
+A rerun with the same --output skips rows already scored; an interrupted run loses nothing
+already written. A bad row stops the run with file:line: field (or --on-error skip logs it
+to OUTPUT.errors.jsonl and goes on)."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="default",
+        help="'default' (SmolLM2-135M-Instruct), a model folder, hub id or .gguf file",
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="file with a Jinja chat template (for models without one)",
+    )
+
+
+def _add_reward_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--templates",
+        default="flr-helpfulness",
+        help="flr-helpfulness | flr-mixed | path to a JSON/YAML set",
+    )
+    p.add_argument(
+        "--mode",
+        default="likelihood",
+        choices=["likelihood", "official"],
+        help="official = the paper's released scorer",
+    )
+    p.add_argument("--reduction", default="mean", choices=["mean", "sum"])
+    p.add_argument("--score-eot", action="store_true", help="also score the end-of-turn token")
+    p.add_argument("--dimensions", default=None, help="comma-separated subset of dimensions")
+    p.add_argument("--engine", default="auto", choices=["auto", "engine", "reference"])
+
+
+def _scorer_from_args(args):
+    from flr_engine.scorer import FLRScorer
+
+    chat_template = None
+    if args.chat_template:
+        with open(args.chat_template, encoding="utf-8") as fh:
+            chat_template = fh.read()
+    return FLRScorer.from_pretrained(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        chat_template=chat_template,
+        templates=args.templates,
+        engine=args.engine,
+        mode=args.mode,
+        reduction=args.reduction,
+        score_eot=args.score_eot,
+        dimensions=args.dimensions.split(",") if args.dimensions else None,
+    )
+
+
+def cmd_score(args) -> int:
+    from tqdm import tqdm
+
+    from flr_engine.templates import load_templates
+
+    load_templates(args.templates)  # fail fast on an unknown set, before loading a model
+    rows = []
+    for line, obj in read_jsonl(args.input):  # validate the whole file before any compute
+        try:
+            rows.append(parse_score_row(args.input, line, obj))
+        except RowError as exc:
+            if args.on_error == "fail":
+                raise
+            log.warning("skipping %s", exc)
+    settings = {
+        "input": args.input,
+        "model": args.model,
+        "templates": args.templates,
+        "mode": args.mode,
+        "reduction": args.reduction,
+        "score_eot": args.score_eot,
+        "dimensions": args.dimensions,
+        "dtype": args.dtype,
+    }
+    t0 = time.time()
+    scorer = _scorer_from_args(args)
+    log.info(
+        "model %s loaded in %.1fs; scoring with the %s backend",
+        args.model,
+        time.time() - t0,
+        scorer.engine_name,
+    )
+    with ResumableWriter(args.output, settings, resume=not args.overwrite) as out:
+        todo = [r for r in rows if r.line not in out.done]
+        if len(todo) < len(rows):
+            log.info(
+                "resuming: %d of %d rows already in %s",
+                len(rows) - len(todo),
+                len(rows),
+                args.output,
+            )
+        errors = open(args.output + ".errors.jsonl", "a") if args.on_error == "skip" else None
+        bar = tqdm(
+            total=len(rows),
+            initial=len(rows) - len(todo),
+            unit="row",
+            desc="flr score",
+            disable=args.quiet,
+        )
+        for i in range(0, len(todo), args.batch_size):
+            batch, prepared = [], []
+            for r in todo[i : i + args.batch_size]:
+                try:
+                    prepared.append(scorer.prepare(r.context, r.response))
+                    batch.append(r)
+                except InputError as exc:
+                    err = RowError(args.input, r.line, exc.field, exc.message)
+                    if errors is None:
+                        raise err from None
+                    log.warning("skipping %s", err)
+                    errors.write(json.dumps({"line": r.line, "error": str(err)}) + "\n")
+                    bar.update(1)
+            results = scorer.score_prepared(prepared) if prepared else []
+            out.write(
+                [{"line": r.line, "id": r.id, **res.to_dict()} for r, res in zip(batch, results)]
+            )
+            bar.update(len(batch))
+        bar.close()
+        if errors:
+            errors.close()
+    log.info("wrote %s (%d rows) in %.1fs", args.output, len(out.done), time.time() - t0)
+    return 0
+
+
+def cmd_env(args) -> int:
+    from flr_engine.env import env_report
+
+    print(env_report())
+    return 0
+
+
+def cmd_model_fetch(args) -> int:
+    from flr_engine.models import fetch_default
+
+    t0 = time.time()
+    folder = fetch_default(force=args.force)
+    print(f"default model ready in {folder} ({time.time() - t0:.1f}s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flr",
+        description="Follow-up Likelihood as Reward: score replies by how likely a model finds "
+        "positive vs negative user follow-ups.",
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars, warnings only"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "score",
+        help="score replies in a JSONL file (resumable)",
+        epilog=SCORE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--input", required=True, help="JSONL(.gz) rows to score")
+    p.add_argument("--output", required=True, help="JSONL results, one row per input row")
+    _add_model_args(p)
+    _add_reward_args(p)
+    p.add_argument("--batch-size", type=int, default=8, help="rows scored per backend call")
+    p.add_argument(
+        "--on-error",
+        default="fail",
+        choices=["fail", "skip"],
+        help="on a bad row: stop (default) or log and skip",
+    )
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("env", help="versions and which backends are built and usable")
+    p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("model", help="model utilities")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    f = msub.add_parser("fetch", help="download and convert the default model into the cache")
+    f.add_argument("--force", action="store_true", help="convert again even if cached")
+    f.set_defaults(func=cmd_model_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except (RowError, InputError, FileNotFoundError, ValueError, ModelLoadError) as exc:
+        print(f"flr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flr {args.command}: interrupted; results written so far are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

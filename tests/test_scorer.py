@@ -1,0 +1,101 @@
+"""FLRScorer and the TRL-style reward callable, on a tiny random model."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from flr_engine import FLRReward, FLRScorer
+from flr_engine.templates import load_templates
+from tiny import make_model, make_tokenizer
+
+CONVS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "user", "content": "Can you help me write a poem about the sea?"},
+        {"role": "assistant", "content": "Sure! What mood?"},
+        {"role": "user", "content": "Calm."},
+    ],
+]
+REPLIES = ["The capital of France is Paris.", "The sea is calm, the turtles sleep."]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = make_tokenizer("chatml")
+    return make_model("llama", vocab_size=len(tok)), tok
+
+
+def independent_lp(model, tok, conv, reply, f):
+    """mean log p of the follow-up tokens, via HF's loss (not our code path)."""
+    msgs = conv + [{"role": "assistant", "content": reply}, {"role": "user", "content": f}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    start = text.rindex(f)
+    ids = torch.tensor([enc.input_ids])
+    labels = torch.tensor([[i if a >= start and b <= start + len(f) and b > a else -100
+                            for i, (a, b) in zip(enc.input_ids, enc.offset_mapping)]])
+    with torch.no_grad():
+        return -model(input_ids=ids, labels=labels).loss.item()
+
+
+def test_reward_matches_independent_formula(tiny):
+    model, tok = tiny
+    scorer = FLRScorer(model, tok, templates="flr-helpfulness", engine="reference")
+    res = scorer.score(CONVS, REPLIES)
+    ts = load_templates("flr-helpfulness")
+    for conv, reply, r in zip(CONVS, REPLIES, res):
+        lp = {f: independent_lp(model, tok, conv, reply, f) for f in ts.unique_texts}
+        dims = [
+            sum(lp[f] for f in d.positive) / len(d.positive) - sum(lp[f] for f in d.negative) / len(d.negative)
+            for d in ts.dimensions
+        ]
+        assert r.reward == pytest.approx(sum(dims) / len(dims), abs=1e-5)
+        assert r.template_logprobs == pytest.approx(lp, abs=1e-5)
+        assert set(r.per_dimension) == set(ts.dimension_names)
+
+
+def test_options_sum_dimensions_compare(tiny):
+    model, tok = tiny
+    mean = FLRScorer(model, tok, templates="flr-mixed", engine="reference").score(CONVS[:1], REPLIES[:1])[0]
+    summ = FLRScorer(model, tok, templates="flr-mixed", engine="reference", reduction="sum").score(CONVS[:1], REPLIES[:1])[0]
+    for t, v in mean.template_logprobs.items():
+        assert summ.template_logprobs[t] == pytest.approx(v * mean.num_tokens[t], abs=1e-4)
+    full = FLRScorer(model, tok, engine="reference").score(CONVS[:1], REPLIES[:1])[0]
+    one = FLRScorer(model, tok, engine="reference", dimensions=["relevance"]).score(CONVS[:1], REPLIES[:1])[0]
+    assert one.reward == pytest.approx(full.per_dimension["relevance"]["reward"], abs=1e-6)
+    cmp = FLRScorer(model, tok, templates="flr-mixed", engine="reference").compare(CONVS[0], REPLIES)
+    assert cmp[0].reward == pytest.approx(mean.reward, abs=1e-6) and len(cmp) == 2
+
+
+def test_plain_string_conversation_and_length_mismatch(tiny):
+    model, tok = tiny
+    s = FLRScorer(model, tok, templates="flr-mixed", engine="reference")
+    a = s.score(["What is the capital of France?"], [REPLIES[0]])[0]
+    b = s.score(CONVS[:1], REPLIES[:1])[0]
+    assert a.reward == pytest.approx(b.reward)
+    with pytest.raises(ValueError, match="same length"):
+        s.score(CONVS, REPLIES[:1])
+
+
+def test_trl_reward_callable(tiny):
+    model, tok = tiny
+    scorer = FLRScorer(model, tok, templates="flr-mixed", engine="reference")
+    reward = FLRReward(scorer=scorer, batch_size=1)
+    conv = reward(prompts=CONVS, completions=[[{"role": "assistant", "content": r}] for r in REPLIES])
+    plain = reward(prompts=["What is the capital of France?"], completions=[REPLIES[0]], extra=1)
+    assert conv == pytest.approx([r.reward for r in scorer.score(CONVS, REPLIES)])
+    assert plain[0] == pytest.approx(conv[0])
+    assert reward.__name__ == "flr_reward"
+    clone = pickle.loads(pickle.dumps(reward))  # carries the model when given a scorer
+    assert clone(prompts=CONVS, completions=REPLIES) == pytest.approx(conv)
+
+
+def test_trl_reward_from_name_pickles_without_model(tiny_model_dir):
+    reward = FLRReward(str(tiny_model_dir), templates="flr-mixed", engine="reference")
+    first = reward(prompts=CONVS[:1], completions=REPLIES[:1])
+    state = pickle.dumps(reward)
+    assert len(state) < 10_000  # no weights inside
+    assert pickle.loads(state)(prompts=CONVS[:1], completions=REPLIES[:1]) == pytest.approx(first)
