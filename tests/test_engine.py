@@ -1,0 +1,126 @@
+"""The packed engine against the reference scorer: every mode, several architectures."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import pytest
+import torch
+
+from flr_engine import FLRScorer
+from flr_engine.templates import Dimension, TemplateSet
+from tiny import make_model, make_tokenizer
+
+CONVS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "user", "content": "How do I bake bread?"},
+        {"role": "assistant", "content": "Mix flour, water, yeast and salt."},
+        {"role": "user", "content": "And then?"},
+    ],
+]
+REPLIES = ["Paris.", "I like turtles.", "Knead, let it rise, then bake."]
+ARCH_FAMILY = [("llama", "llama3"), ("qwen2", "chatml"), ("mistral", "mistral"), ("gemma2", "gemma"), ("gemma3", "gemma")]
+
+
+def assert_same(ref, eng, atol=2e-5):
+    for a, b in zip(ref, eng):
+        assert a.template_logprobs.keys() == b.template_logprobs.keys()
+        for k in a.template_logprobs:
+            assert b.template_logprobs[k] == pytest.approx(a.template_logprobs[k], abs=atol), k
+        assert b.reward == pytest.approx(a.reward, abs=atol)
+        assert a.num_tokens == b.num_tokens
+
+
+@pytest.mark.parametrize("arch, family", ARCH_FAMILY)
+@pytest.mark.parametrize("opts", [dict(), dict(mode="official"), dict(reduction="sum", score_eot=True)])
+def test_engine_equals_reference(arch, family, opts):
+    tok = make_tokenizer(family)
+    model = make_model(arch, vocab_size=len(tok))
+    ref = FLRScorer(model, tok, templates="flr-mixed", engine="reference", **opts).score(CONVS, REPLIES)
+    scorer = FLRScorer(model, tok, templates="flr-mixed", engine="engine", engine_kwargs={"token_budget": 600}, **opts)
+    eng = scorer.score(CONVS, REPLIES)
+    assert scorer.engine_name == "engine"
+    stats = scorer.backend.last_stats
+    assert stats["packs"] > 1  # the budget split the work
+    assert stats["unique_tokens"] < stats["total_tokens"] / 3  # prefixes really shared
+    assert_same(ref, eng)
+
+
+def test_sliding_window_is_respected():
+    """Gemma 3's sliding layers (window 8 here): ignoring the window would change scores."""
+    tok = make_tokenizer("gemma")
+    model = make_model("gemma3", vocab_size=len(tok))
+    eng = FLRScorer(model, tok, templates="flr-mixed", engine="engine").score(CONVS[:1], REPLIES[:1])
+    ref = FLRScorer(model, tok, templates="flr-mixed", engine="reference").score(CONVS[:1], REPLIES[:1])
+    assert_same(ref, eng)
+    model.config.sliding_window = 10_000  # now a different model: the engine must follow it
+    for layer in model.model.layers:
+        if layer.self_attn.sliding_window:
+            layer.self_attn.sliding_window = 10_000
+    eng_wide = FLRScorer(model, tok, templates="flr-mixed", engine="engine").score(CONVS[:1], REPLIES[:1])
+    assert abs(eng_wide[0].reward - eng[0].reward) > 1e-4
+
+
+def test_template_breaking_the_prefix_property_is_still_exact():
+    """A template with no separators: the reply's last token merges with the follow-up's
+    first characters, so (conversation + reply) tokenised alone is not a prefix of the
+    full sequence. Sequences are tokenised whole, so the trie shares only true prefixes."""
+    tok = make_tokenizer("chatml")
+    saved = tok.chat_template
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    ts = TemplateSet("t", (Dimension("d", ("is is highly relevant here.", "is is great."), ("is is off-topic.",)),))
+    try:
+        model = make_model("llama", vocab_size=len(tok))
+        reply = "Paris is nice. Th"  # "Th" + "is is ..." -> the token "This" spans the boundary
+        q = CONVS[0][0]["content"]
+        prefix_ids = tok(q + reply, add_special_tokens=False).input_ids
+        full_ids = tok(q + reply + "is is great.", add_special_tokens=False).input_ids
+        assert full_ids[: len(prefix_ids)] != prefix_ids  # the property is broken here
+        ref = FLRScorer(model, tok, templates=ts, engine="reference").score(CONVS[:1], [reply])
+        eng = FLRScorer(model, tok, templates=ts, engine="engine").score(CONVS[:1], [reply])
+        assert_same(ref, eng)
+    finally:
+        tok.chat_template = saved
+
+
+def test_bf16_engine_error_bounded_by_reference_error():
+    """In bf16 the engine's error vs the fp32 reference is at most ~2x the bf16 reference's."""
+    tok = make_tokenizer("chatml")
+    m32 = make_model("llama", vocab_size=len(tok))
+    m16 = make_model("llama", vocab_size=len(tok), dtype=torch.bfloat16)
+    truth = FLRScorer(m32, tok, templates="flr-mixed", engine="reference").score(CONVS, REPLIES)
+    ref16 = FLRScorer(m16, tok, templates="flr-mixed", engine="reference").score(CONVS, REPLIES)
+    eng16 = FLRScorer(m16, tok, templates="flr-mixed", engine="engine").score(CONVS, REPLIES)
+
+    def err(res):
+        return max(abs(a.template_logprobs[k] - b.template_logprobs[k]) for a, b in zip(truth, res) for k in a.template_logprobs)
+
+    assert err(eng16) <= 2 * err(ref16) + 1e-3
+
+
+def test_explicit_engine_fails_loudly():
+    tok = make_tokenizer("chatml")
+    model = make_model("llama", vocab_size=len(tok))
+    with pytest.raises(RuntimeError, match="engine='engine' cannot run"):
+        FLRScorer(model, tok, engine="engine", engine_kwargs={"no_such_option": 1})
+    assert FLRScorer(model, tok, engine="auto", engine_kwargs={"no_such_option": 1}).engine_name == "reference"
+
+
+PAIRWISE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "pairwise", "hh-rlhf-helpful-base.jsonl.gz")
+
+
+@pytest.mark.slow
+def test_default_model_engine_equals_reference_on_real_rows(default_model_dir):
+    if not os.path.exists(PAIRWISE):
+        pytest.skip(f"{PAIRWISE} absent")
+    with gzip.open(PAIRWISE, "rt") as fh:
+        rows = [json.loads(next(fh)) for _ in range(2)]
+    convs = [r["context"] for r in rows for _ in (0, 1)]
+    replies = [x for r in rows for x in (r["chosen"], r["rejected"])]
+    eng = FLRScorer.from_pretrained("default", templates="flr-mixed", engine="engine")
+    ref = FLRScorer(eng.model, eng.tokenizer, templates="flr-mixed", engine="reference")
+    assert_same(ref.score(convs, replies), eng.score(convs, replies), atol=1e-4)
