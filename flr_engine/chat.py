@@ -208,11 +208,14 @@ class ChatRenderer:
             rspan = _find_last(text, reply, fspan[0])
             reply_targets = _tokens_in(offs, *rspan) if rspan else []
             off_ids = self.official_ids(f)
+            logit_pos = max(len(ids) - len(off_ids), 0)
+            # tokens after the last one any mode needs (end-of-turn markers) change nothing
+            needed = max(targets[-1], logit_pos) + 1
             out.append(
                 ScoredSequence(
-                    ids=list(ids),
+                    ids=list(ids[:needed]),
                     targets=targets,
-                    logit_pos=max(len(ids) - len(off_ids), 0),
+                    logit_pos=logit_pos,
                     logit_ids=off_ids,
                     reply_targets=reply_targets,
                     truncated=cut,

@@ -21,7 +21,7 @@ from flr_engine.templates import DEFAULT, TemplateSet, load_templates
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "engine", "reference")
+ENGINES = ("auto", "engine", "reference", "hf-prefix-cache")
 
 
 def make_backend(model, engine: str = "auto", **engine_kwargs):
@@ -38,6 +38,10 @@ def make_backend(model, engine: str = "auto", **engine_kwargs):
             if engine == "engine":
                 raise RuntimeError(f"engine='engine' cannot run: {exc}") from exc
             log.info("engine unavailable (%s); using the reference scorer", exc)
+    if engine == "hf-prefix-cache":
+        from flr_engine.baselines import PrefixCacheBackend
+
+        return PrefixCacheBackend(model, **engine_kwargs)
     from flr_engine.reference import ReferenceBackend
 
     return ReferenceBackend(model)
@@ -50,7 +54,7 @@ class FLRScorer:
         model, tokenizer: a transformers causal LM and its (fast) tokenizer with a chat template.
         templates: a built-in set name, a JSON/YAML path, or a TemplateSet.
         config: a RewardConfig (or pass its fields as keyword arguments).
-        engine: "auto" | "engine" | "reference".
+        engine: "auto" | "engine" | "reference" | "hf-prefix-cache" (the plain-transformers baseline).
         max_length: context limit for the truncation policy (default: the model's).
     """
 

@@ -37,15 +37,17 @@ def test_scored_tokens_decode_to_the_followup(family):
             CONV + [{"role": "assistant", "content": REPLY}, {"role": "user", "content": f}],
             tokenize=False,
         )
-        assert s.ids == tok(full, add_special_tokens=False).input_ids
+        full_ids = tok(full, add_special_tokens=False).input_ids
+        assert s.ids == full_ids[: len(s.ids)] and len(s.ids) == max(s.targets[-1], s.logit_pos) + 1
 
 
 def test_default_model_tokenizer_chatml(default_tokenizer):
     seqs = ChatRenderer(default_tokenizer).build(CONV, REPLY, FOLLOWUPS)
     for f, s in zip(FOLLOWUPS, seqs):
         assert default_tokenizer.decode([s.ids[n] for n in s.targets]) == f
-        # ChatML: the token after the follow-up is <|im_end|>
-        assert default_tokenizer.convert_ids_to_tokens(s.ids[s.targets[-1] + 1]) == "<|im_end|>"
+    eot = ChatRenderer(default_tokenizer, score_eot=True).build(CONV, REPLY, FOLLOWUPS[:3])
+    for s in eot:  # ChatML: the token after the follow-up is <|im_end|>
+        assert default_tokenizer.convert_ids_to_tokens(s.ids[s.targets[-1]]) == "<|im_end|>"
 
 
 @pytest.mark.parametrize("family", ["chatml", "llama3", "gemma"])
@@ -64,7 +66,9 @@ def test_official_position_and_ids_follow_the_released_code():
     fids = tok("That was exactly what I needed.").input_ids
     assert fids[0] == tok.bos_token_id  # BOS included, as in the released scorer
     assert s.logit_ids == fids
-    assert s.logit_pos == len(s.ids) - len(fids)
+    msgs = CONV + [{"role": "assistant", "content": REPLY}, {"role": "user", "content": "That was exactly what I needed."}]
+    full = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False).input_ids
+    assert s.logit_pos == len(full) - len(fids)
 
 
 def test_truncation_drops_oldest_turns_first():

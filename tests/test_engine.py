@@ -124,3 +124,12 @@ def test_default_model_engine_equals_reference_on_real_rows(default_model_dir):
     eng = FLRScorer.from_pretrained("default", templates="flr-mixed", engine="engine")
     ref = FLRScorer(eng.model, eng.tokenizer, templates="flr-mixed", engine="reference")
     assert_same(ref.score(convs, replies), eng.score(convs, replies), atol=1e-4)
+
+
+@pytest.mark.parametrize("arch, family", [("llama", "chatml"), ("gemma3", "gemma")])
+def test_prefix_cache_baseline_equals_reference(arch, family):
+    tok = make_tokenizer(family)
+    model = make_model(arch, vocab_size=len(tok))
+    ref = FLRScorer(model, tok, templates="flr-mixed", engine="reference").score(CONVS, REPLIES)
+    base = FLRScorer(model, tok, templates="flr-mixed", engine="hf-prefix-cache", engine_kwargs={"batch_size": 7})
+    assert_same(ref, base.score(CONVS, REPLIES))

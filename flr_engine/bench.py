@@ -1,0 +1,177 @@
+"""Scoring-speed benchmark: the same FLR job through each provider, ratios from one run.
+
+Providers (all score the *same* rendered sequences and must agree):
+
+* ``reference``       one full forward per (reply, follow-up), as the paper's scorer;
+* ``hf-prefix-cache`` the best plain transformers code: prefix KV reused, padded batches;
+* ``engine``          packed prefix tree, tree attention, fused gathered log-prob;
+* ``limit``           one plain decoder forward over the engine's unique tokens (causal
+                      SDPA over each pack, no LM head, no scoring): what no scorer beats
+                      by much on this machine.
+
+Each provider runs in its own subprocess so its peak memory (max RSS above the loaded
+model) is its own. The reference is too slow to run whole on a CPU: it is timed on a
+random sample of the sequences and its time scaled by the sequence count (its cost is a
+sum of independent per-sequence passes), and labelled so.
+
+Workload W1: 16 conversations of hh-rlhf-helpful-base x (chosen, rejected) x the
+``flr-helpfulness`` follow-ups, default model, fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+
+PROVIDERS = ("reference", "hf-prefix-cache", "engine", "limit")
+DEFAULT_DATA = os.path.join("..", "shared", "data", "pairwise", "hh-rlhf-helpful-base.jsonl.gz")
+
+
+def load_pairs(path: str, n_conv: int) -> tuple[list, list]:
+    """The first ``n_conv`` non-tie rows: conversations twice (chosen, rejected)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"benchmark data {path} not found (pass --data)")
+    convs, replies = [], []
+    with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path) as fh:
+        for line in fh:
+            row = json.loads(line)
+            if row.get("tie"):
+                continue
+            convs += [row["context"], row["context"]]
+            replies += [row["chosen"], row["rejected"]]
+            if len(convs) == 2 * n_conv:
+                break
+    return convs, replies
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_worker(provider: str, model: str, data: str, n_conv: int, templates: str, n_followups: int | None,
+               ref_sample: int, dtype: str, token_budget: int, seed: int = 0) -> dict:
+    """Run one provider in this process; return timing, token counts, memory and scores."""
+    import torch
+
+    from flr_engine.scorer import FLRScorer
+    from flr_engine.templates import Dimension, TemplateSet, load_templates
+
+    ts = load_templates(templates)
+    if n_followups:  # a smaller template set for quick runs / sweeps
+        texts = ts.unique_texts[:n_followups]
+        half = max(1, len(texts) // 2)
+        ts = TemplateSet(f"{ts.name}[:{n_followups}]", (Dimension("all", tuple(texts[:half]), tuple(texts[half:] or texts[:1])),))
+    engine = "engine" if provider == "limit" else provider
+    scorer = FLRScorer.from_pretrained(model, dtype=dtype, templates=ts, engine=engine,
+                                       engine_kwargs={"token_budget": token_budget} if engine == "engine" else None)
+    convs, replies = load_pairs(data, n_conv)
+    prepared = [scorer.prepare(c, r) for c, r in zip(convs, replies)]
+    seqs = [s for p in prepared for s in p.sequences]
+    total_tokens = sum(len(s.ids) for s in seqs)
+    rss0 = _max_rss_mb()
+    out = {"provider": provider, "sequences": len(seqs), "total_tokens": total_tokens,
+           "threads": torch.get_num_threads()}
+    t0 = time.perf_counter()
+    if provider == "reference":
+        sample = sorted(random.Random(seed).sample(range(len(seqs)), min(ref_sample, len(seqs))))
+        vals = scorer.backend.sequence_scores([seqs[i] for i in sample])
+        dt = time.perf_counter() - t0
+        out.update(seconds=dt * len(seqs) / len(sample), measured_seconds=dt, sampled=len(sample),
+                   scores={str(i): v for i, v in zip(sample, vals)})
+    elif provider == "limit":
+        from flr_engine.engine.packer import pack_sequences
+
+        result = pack_sequences([s.ids for s in seqs], token_budget)
+        decoder = scorer.model.get_decoder()
+        with torch.no_grad():
+            for pack in result.packs:
+                decoder(input_ids=pack.input_ids[None], use_cache=False)
+        out.update(seconds=time.perf_counter() - t0, unique_tokens=result.num_unique)
+    else:
+        vals = scorer.backend.sequence_scores(seqs)
+        out.update(seconds=time.perf_counter() - t0, scores={str(i): v for i, v in enumerate(vals)})
+        if provider == "engine":
+            out["unique_tokens"] = scorer.backend.last_stats["unique_tokens"]
+    out["peak_mem_mb"] = _max_rss_mb() - rss0
+    out["tokens_per_s"] = total_tokens / out["seconds"]
+    return out
+
+
+def run_all(providers, *, model="default", data=DEFAULT_DATA, n_conv=16, templates="flr-helpfulness",
+            n_followups=None, ref_sample=24, dtype="float32", token_budget=8192, log=print) -> list[dict]:
+    """Each provider in a fresh subprocess; returns their result dicts."""
+    rows = []
+    for p in providers:
+        cmd = [sys.executable, "-m", "flr_engine.bench", "--worker", p, "--model", model, "--data", data,
+               "--n-conv", str(n_conv), "--templates", templates, "--ref-sample", str(ref_sample),
+               "--dtype", dtype, "--token-budget", str(token_budget)]
+        if n_followups:
+            cmd += ["--n-followups", str(n_followups)]
+        log(f"[bench] {p} ...")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench worker {p} failed:\n{proc.stderr[-2000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        log(f"[bench] {p}: {rows[-1]['seconds']:.2f}s")
+    return rows
+
+
+def check_agreement(rows: list[dict], atol: float = 1e-3) -> float:
+    """Max |score difference| between providers on the sequences they all scored."""
+    scored = [r for r in rows if "scores" in r]
+    worst = 0.0
+    for a in scored:
+        for b in scored:
+            for k in set(a["scores"]) & set(b["scores"]):
+                worst = max(worst, abs(a["scores"][k] - b["scores"][k]))
+    if worst > atol:
+        raise AssertionError(f"providers disagree by {worst:.2e} (> {atol})")
+    return worst
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table with ratios against the engine measured in the same run."""
+    by = {r["provider"]: r for r in rows}
+    eng = by.get("engine")
+    lines = ["| provider | time (s) | tokens/s | ratio vs engine | peak mem (MB) | notes |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        ratio = f"{r['seconds'] / eng['seconds']:.2f}x" if eng else "-"
+        note = ""
+        if r["provider"] == "reference":
+            note = f"extrapolated from {r['sampled']} of {r['sequences']} sequences ({r['measured_seconds']:.1f}s measured)"
+        elif r["provider"] == "engine":
+            note = f"{r['unique_tokens']} unique of {r['total_tokens']} total tokens"
+        elif r["provider"] == "limit":
+            note = "decoder forward over the unique tokens only"
+        lines.append(f"| {r['provider']} | {r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {ratio} | {r['peak_mem_mb']:.0f} | {note} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flr_engine.bench")
+    ap.add_argument("--worker", choices=PROVIDERS, required=True)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--n-conv", type=int, default=16)
+    ap.add_argument("--templates", default="flr-helpfulness")
+    ap.add_argument("--n-followups", type=int, default=None)
+    ap.add_argument("--ref-sample", type=int, default=24)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--token-budget", type=int, default=8192)
+    a = ap.parse_args(argv)
+    res = run_worker(a.worker, a.model, a.data, a.n_conv, a.templates, a.n_followups, a.ref_sample,
+                     a.dtype, a.token_budget)
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
