@@ -74,7 +74,7 @@ def flr_tree_attention_forward(
         flr_tree.positions,
         scale=scaling,
         sliding_window=sliding_window,
-        softcap=softcap,
+        softcap=softcap or None,  # some configs say 0.0 for "none"
         plan=flr_tree.plan(sliding_window),
         impl=flr_tree.impl,
     )  # (T, Hq, D)
