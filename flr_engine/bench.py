@@ -14,6 +14,9 @@ model) is its own. The reference is too slow to run whole on a CPU: it is timed 
 random sample of the sequences and its time scaled by the sequence count (its cost is a
 sum of independent per-sequence passes), and labelled so.
 
+Scaling sweep knobs: ``n_replies`` per conversation, ``n_followups`` (a prefix of the unique
+template texts), ``context_tokens`` (contexts grown with turns of other rows).
+
 Workload W1: 16 conversations of hh-rlhf-helpful-base x (chosen, rejected) x the
 ``flr-helpfulness`` follow-ups, default model, fp32.
 """
@@ -34,20 +37,40 @@ PROVIDERS = ("reference", "hf-prefix-cache", "engine", "limit")
 DEFAULT_DATA = os.path.join("..", "shared", "data", "pairwise", "hh-rlhf-helpful-base.jsonl.gz")
 
 
-def load_pairs(path: str, n_conv: int) -> tuple[list, list]:
-    """The first ``n_conv`` non-tie rows: conversations twice (chosen, rejected)."""
+def load_pairs(path: str, n_conv: int, n_replies: int = 2, context_tokens: int | None = None,
+               tokenizer=None) -> tuple[list, list]:
+    """``n_conv`` conversations (non-tie rows) x ``n_replies`` candidate replies.
+
+    Replies: the row's chosen and rejected, then replies of later rows (a realistic spread
+    of lengths). ``context_tokens``: grow each context to about that many tokens by
+    prepending turns of other rows (the scaling sweep), measured with ``tokenizer``.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"benchmark data {path} not found (pass --data)")
-    convs, replies = [], []
+    rows = []
     with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path) as fh:
         for line in fh:
             row = json.loads(line)
-            if row.get("tie"):
-                continue
-            convs += [row["context"], row["context"]]
-            replies += [row["chosen"], row["rejected"]]
-            if len(convs) == 2 * n_conv:
+            if not row.get("tie"):
+                rows.append(row)
+            if len(rows) >= n_conv + n_replies + 64:
                 break
+    pool = [x for r in rows for x in (r["chosen"], r["rejected"])]
+    filler = [  # (user, assistant) turns of later rows, prepended to grow a context
+        [r["context"][0], {"role": "assistant", "content": r["chosen"]}] for r in rows[n_conv:]
+    ]
+    convs, replies = [], []
+    for i, row in enumerate(rows[:n_conv]):
+        ctx = list(row["context"])
+        for pair in filler if context_tokens else []:
+            text = tokenizer.apply_chat_template(ctx, tokenize=False)
+            if len(tokenizer(text, add_special_tokens=False).input_ids) >= context_tokens:
+                break
+            ctx = pair + ctx
+        cands = [row["chosen"], row["rejected"]] + pool[2 * (i + 1) :]
+        for r in cands[:n_replies]:
+            convs.append(ctx)
+            replies.append(r)
     return convs, replies
 
 
@@ -56,7 +79,8 @@ def _max_rss_mb() -> float:
 
 
 def run_worker(provider: str, model: str, data: str, n_conv: int, templates: str, n_followups: int | None,
-               ref_sample: int, dtype: str, token_budget: int, seed: int = 0) -> dict:
+               ref_sample: int, dtype: str, token_budget: int, n_replies: int = 2,
+               context_tokens: int | None = None, seed: int = 0) -> dict:
     """Run one provider in this process; return timing, token counts, memory and scores."""
     import torch
 
@@ -71,7 +95,7 @@ def run_worker(provider: str, model: str, data: str, n_conv: int, templates: str
     engine = "engine" if provider == "limit" else provider
     scorer = FLRScorer.from_pretrained(model, dtype=dtype, templates=ts, engine=engine,
                                        engine_kwargs={"token_budget": token_budget} if engine == "engine" else None)
-    convs, replies = load_pairs(data, n_conv)
+    convs, replies = load_pairs(data, n_conv, n_replies, context_tokens, scorer.tokenizer)
     prepared = [scorer.prepare(c, r) for c, r in zip(convs, replies)]
     seqs = [s for p in prepared for s in p.sequences]
     total_tokens = sum(len(s.ids) for s in seqs)
@@ -105,7 +129,8 @@ def run_worker(provider: str, model: str, data: str, n_conv: int, templates: str
 
 
 def run_all(providers, *, model="default", data=DEFAULT_DATA, n_conv=16, templates="flr-helpfulness",
-            n_followups=None, ref_sample=24, dtype="float32", token_budget=8192, log=print) -> list[dict]:
+            n_followups=None, ref_sample=24, dtype="float32", token_budget=8192, n_replies=2,
+            context_tokens=None, log=print) -> list[dict]:
     """Each provider in a fresh subprocess; returns their result dicts."""
     rows = []
     for p in providers:
@@ -114,6 +139,9 @@ def run_all(providers, *, model="default", data=DEFAULT_DATA, n_conv=16, templat
                "--dtype", dtype, "--token-budget", str(token_budget)]
         if n_followups:
             cmd += ["--n-followups", str(n_followups)]
+        if context_tokens:
+            cmd += ["--context-tokens", str(context_tokens)]
+        cmd += ["--n-replies", str(n_replies)]
         log(f"[bench] {p} ...")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -166,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref-sample", type=int, default=24)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--token-budget", type=int, default=8192)
+    ap.add_argument("--n-replies", type=int, default=2)
+    ap.add_argument("--context-tokens", type=int, default=None)
     a = ap.parse_args(argv)
     res = run_worker(a.worker, a.model, a.data, a.n_conv, a.templates, a.n_followups, a.ref_sample,
-                     a.dtype, a.token_budget)
+                     a.dtype, a.token_budget, a.n_replies, a.context_tokens)
     print(json.dumps(res))
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from tiny import CHAT_TEMPLATES, make_tokenizer
 
 from flr_engine.chat import (
     ChatRenderer,
@@ -12,7 +13,6 @@ from flr_engine.chat import (
     normalize_reply,
 )
 from flr_engine.templates import load_templates
-from tiny import CHAT_TEMPLATES, make_tokenizer
 
 CONV = [
     {"role": "user", "content": "Can you help me write a poem about the sea?"},

@@ -8,10 +8,10 @@ import os
 
 import pytest
 import torch
+from tiny import make_model, make_tokenizer
 
 from flr_engine import FLRScorer
 from flr_engine.templates import Dimension, TemplateSet
-from tiny import make_model, make_tokenizer
 
 CONVS = [
     [{"role": "user", "content": "What is the capital of France?"}],

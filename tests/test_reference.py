@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import make_model, make_tokenizer
 
 from flr_engine.chat import ChatRenderer
 from flr_engine.reference import ReferenceBackend
 from flr_engine.templates import load_templates
-from tiny import make_model, make_tokenizer
 
 CONV = [{"role": "user", "content": "How do I bake bread?"}]
 REPLY = "Mix flour, water, yeast and salt, knead, let it rise, then bake."

@@ -6,10 +6,10 @@ import pickle
 
 import pytest
 import torch
+from tiny import make_model, make_tokenizer
 
 from flr_engine import FLRReward, FLRScorer
 from flr_engine.templates import load_templates
-from tiny import make_model, make_tokenizer
 
 CONVS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -49,7 +49,7 @@ CORPUS = [
 ] + load_templates("flr-helpfulness").unique_texts + load_templates("flr-mixed").unique_texts
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_tokenizer(family: str = "chatml", vocab_size: int = 600) -> PreTrainedTokenizerFast:
     """A small BPE tokenizer in the style of ``family`` (byte-level for chatml/llama3,
     sentencepiece-like Metaspace for mistral/gemma), with that family's chat template."""
