@@ -1,0 +1,581 @@
+"""Fused gathered log-prob: every impl against the full-logits reference.
+
+CPU: the chunked torch path, the Triton kernel under TRITON_INTERPRET=1 (set by conftest.py),
+and the reference. The CUDA extension and Triton-on-GPU are behind ``-m gpu``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from flr_engine.ops import fused_logprob as fl
+from flr_engine.ops.fused_logprob import (
+    flr_gathered_logprob,
+    gathered_logprob_reference,
+    segment_mean,
+    segment_sum,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _has_triton() -> bool:
+    try:
+        from flr_engine.kernels import fused_logprob as kmod
+    except ImportError:
+        return False
+    return kmod.HAS_TRITON and (kmod.INTERPRETED or torch.cuda.is_available())
+
+
+needs_triton = pytest.mark.skipif(not _has_triton(), reason="triton (interpreter) unavailable")
+CPU_IMPLS = ["torch", pytest.param("triton", marks=needs_triton), "reference"]
+
+
+def make_inputs(
+    n: int = 13,
+    h: int = 48,
+    v: int = 1009,
+    *,
+    dtype: torch.dtype = torch.float32,
+    bias: bool = False,
+    n_ignored: int = 0,
+    seed: int = 0,
+    device: str = "cpu",
+):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) * (2.0 / h**0.5)
+    b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    if n_ignored:
+        targets[torch.randperm(n, generator=g)[:n_ignored]] = -100
+    cast = {"dtype": dtype, "device": device}
+    return (
+        hidden.to(**cast),
+        weight.to(**cast),
+        b.to(**cast) if b is not None else None,
+        targets.to(device),
+    )
+
+
+OPTIONS = [
+    {},
+    {"bias": True},
+    {"logit_scale": 0.37},
+    {"softcap": 3.0},
+    {"bias": True, "logit_scale": 1.7, "softcap": 5.0},
+]
+
+
+def _run(impl, hidden, weight, targets, bias=None, **kw):
+    return flr_gathered_logprob(hidden, weight, targets, bias=bias, impl=impl, **kw)
+
+
+# --------------------------------------------------------------------------------------
+# forward, fp32 / fp64
+# --------------------------------------------------------------------------------------
+
+
+def test_reference_matches_cross_entropy():
+    hidden, weight, bias, targets = make_inputs(bias=True, n_ignored=3, dtype=torch.float64)
+    logp = gathered_logprob_reference(hidden, weight, targets, bias=bias, logit_scale=0.5)
+    ce = F.cross_entropy((hidden @ weight.T + bias) * 0.5, targets, reduction="none")
+    torch.testing.assert_close(logp, -ce, rtol=0, atol=1e-12)
+    assert logp.dtype == torch.float64
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(o) or "plain")
+def test_fp32_matches_reference(impl, opts):
+    opts = dict(opts)
+    hidden, weight, bias, targets = make_inputs(bias=opts.pop("bias", False), n_ignored=2)
+    logp, lse = _run(impl, hidden, weight, targets, bias, chunk_size=100, return_lse=True, **opts)
+    ref, ref_lse = gathered_logprob_reference(
+        hidden.double(), weight.double(), targets,
+        bias=bias.double() if bias is not None else None, return_lse=True, **opts,
+    )  # fmt: skip
+    assert logp.dtype == torch.float32 and logp.shape == targets.shape
+    torch.testing.assert_close(logp, ref.float(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-5, atol=2e-5)
+    assert torch.all(logp[targets == -100] == 0)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize(
+    "n,h,v", [(1, 64, 17), (2, 16, 1), (13, 48, 1009), (31, 64, 257), (37, 48, 3001)]
+)
+def test_odd_sizes(impl, n, h, v):
+    hidden, weight, bias, targets = make_inputs(n, h, v, bias=True, seed=n + v)
+    logp = _run(impl, hidden, weight, targets, bias, chunk_size=97)
+    ref = gathered_logprob_reference(hidden, weight, targets, bias=bias)
+    torch.testing.assert_close(logp, ref, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 100, 1008, 1009, 5000, None])
+def test_torch_chunk_sizes(chunk):
+    hidden, weight, bias, targets = make_inputs(bias=True, n_ignored=1, dtype=torch.float64)
+    logp = _run("torch", hidden, weight, targets, bias, chunk_size=chunk, softcap=4.0)
+    ref = gathered_logprob_reference(hidden, weight, targets, bias=bias, softcap=4.0)
+    assert logp.dtype == torch.float64
+    torch.testing.assert_close(logp, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_noncontiguous_hidden(impl, layout):
+    n, h, v = 11, 48, 300
+    _, weight, _, targets = make_inputs(n, h, v)
+    if layout == "transposed":
+        hidden = torch.randn(h, n).T  # (N, H) with strides (1, N)
+    else:
+        hidden = torch.randn(n, 2 * h + 3)[:, 3::2]  # (N, H) with strides (2H+3, 2)
+    assert not hidden.is_contiguous()
+    logp = _run(impl, hidden, weight, targets, chunk_size=64)
+    ref = gathered_logprob_reference(hidden.contiguous(), weight, targets)
+    torch.testing.assert_close(logp, ref, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_leading_dims(impl):
+    hidden, weight, _, targets = make_inputs(12, 32, 100)
+    logp = _run(impl, hidden.reshape(3, 4, 32), weight, targets.reshape(3, 4), chunk_size=30)
+    assert logp.shape == (3, 4)
+    ref = gathered_logprob_reference(hidden, weight, targets)
+    torch.testing.assert_close(logp.reshape(-1), ref, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_all_ignored_and_custom_ignore_index(impl):
+    hidden, weight, _, targets = make_inputs(5, 16, 50)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    logp = _run(impl, hidden, weight, torch.full_like(targets, -100))
+    assert torch.equal(logp, torch.zeros(5))
+    logp.sum().backward()
+    assert torch.count_nonzero(hidden.grad) == 0 and torch.count_nonzero(weight.grad) == 0
+    # a custom ignore_index inside the vocabulary wins over the id
+    targets[0] = 7
+    logp = _run(impl, hidden, weight, targets, ignore_index=7)
+    ref = gathered_logprob_reference(hidden, weight, targets, ignore_index=7)
+    assert logp[0] == 0
+    torch.testing.assert_close(logp, ref, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_empty_input(impl):
+    hidden = torch.zeros(0, 16, requires_grad=True)
+    weight = torch.randn(20, 16, requires_grad=True)
+    logp, lse = _run(impl, hidden, weight, torch.zeros(0, dtype=torch.long), return_lse=True)
+    assert logp.shape == (0,) and lse.shape == (0,)
+    logp.sum().backward()
+    assert weight.grad is not None and torch.count_nonzero(weight.grad) == 0
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_vocab_splits(num_splits, dtype):
+    """The GPU grid splits the vocabulary for small N; exercise the merge on the interpreter."""
+    from flr_engine.kernels.fused_logprob import fused_logprob_forward
+
+    hidden, weight, bias, targets = make_inputs(21, 40, 1009, bias=True, n_ignored=2)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    logp, lse = fused_logprob_forward(
+        hidden, weight, bias, targets, 0.9, 6.0, -100, block_v=64, block_h=32,
+        num_splits=num_splits,
+    )  # fmt: skip
+    ref, ref_lse = gathered_logprob_reference(
+        hidden, weight, targets, bias=bias, logit_scale=0.9, softcap=6.0, return_lse=True
+    )
+    torch.testing.assert_close(logp, ref, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=2e-5)
+
+
+# --------------------------------------------------------------------------------------
+# forward, half precision
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("softcap", [None, 10.0])
+def test_half_precision_error_bound(impl, dtype, softcap):
+    n, h, v = 29, 64, 1009
+    hidden, weight, bias, targets = make_inputs(n, h, v, bias=True, seed=3)
+    hidden, weight = hidden * 2, weight * 2  # logits of a few tens: rounding matters
+    truth = gathered_logprob_reference(hidden, weight, targets, bias=bias, softcap=softcap)
+    hl, wl = hidden.to(dtype), weight.to(dtype)
+    # plain torch in the same dtype: logits in `dtype`, log_softmax in fp32
+    z = (hl @ wl.T + bias.to(dtype)).float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    plain = torch.log_softmax(z, -1).gather(1, targets[:, None])[:, 0]
+    got = _run(impl, hl, wl, targets, bias.to(dtype), chunk_size=200, softcap=softcap)
+    assert got.dtype == torch.float32
+    err_plain = (plain - truth).abs().max().item()
+    err_got = (got - truth).abs().max().item()
+    assert err_got <= 2 * err_plain + 1e-3, (err_got, err_plain)
+
+
+# --------------------------------------------------------------------------------------
+# gradients
+# --------------------------------------------------------------------------------------
+
+
+def test_gradcheck_float64_torch_path():
+    hidden, weight, bias, targets = make_inputs(5, 4, 11, bias=True, dtype=torch.float64)
+    targets[2] = -100
+    inputs = tuple(x.clone().requires_grad_(True) for x in (hidden, weight, bias))
+
+    def fn(h, w, b):
+        return flr_gathered_logprob(
+            h, w, targets, bias=b, logit_scale=0.8, softcap=2.5, chunk_size=3,
+            impl="torch", return_lse=True,
+        )  # fmt: skip
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(o) or "plain")
+def test_grads_match_reference(impl, opts):
+    opts = dict(opts)
+    dtype = torch.float32 if impl == "triton" else torch.float64  # triton: no fp64 dots
+    hidden, weight, bias, targets = make_inputs(
+        bias=opts.pop("bias", False), n_ignored=3, dtype=dtype, v=301
+    )
+    params = [x.clone().requires_grad_(True) for x in (hidden, weight, bias) if x is not None]
+    ref_params = [x.clone().requires_grad_(True) for x in params]
+    w_out = torch.randn(targets.shape[0], dtype=dtype)
+    w_lse = torch.randn(targets.shape[0], dtype=dtype)
+
+    def loss(ps, use_impl):
+        b = ps[2] if len(ps) > 2 else None
+        lp, lse = flr_gathered_logprob(
+            ps[0], ps[1], targets, bias=b, impl=use_impl, chunk_size=64, return_lse=True, **opts
+        )
+        return (lp * w_out).sum() + (lse * w_lse).sum()
+
+    grads = torch.autograd.grad(loss(params, impl), params)
+    ref_grads = torch.autograd.grad(loss(ref_params, "reference"), ref_params)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-10}
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, **tol)
+    # ignored rows receive gradient only through lse
+    grads_lp = torch.autograd.grad(
+        flr_gathered_logprob(params[0], params[1], targets, impl=impl, chunk_size=64).sum(),
+        params[0],
+    )[0]
+    assert torch.count_nonzero(grads_lp[targets == -100]) == 0
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_tied_embeddings_grad(impl):
+    """The LM head is the embedding matrix: one Parameter used twice accumulates both grads."""
+    v, h, n = 257, 32, 19
+    g = torch.Generator().manual_seed(7)
+    emb0 = torch.randn(v, h, generator=g) * 0.3
+    mix0 = torch.randn(h, h, generator=g) * 0.3
+    ids = torch.randint(0, v, (n,), generator=g)
+    targets = torch.roll(ids, -1)
+    targets[-1] = -100
+
+    def run(use_impl):
+        emb = torch.nn.Parameter(emb0.clone())
+        mix = torch.nn.Parameter(mix0.clone())
+        hidden = torch.tanh(F.embedding(ids, emb) @ mix)  # (N, H)
+        logp = flr_gathered_logprob(hidden, emb, targets, impl=use_impl, chunk_size=50)
+        logp.sum().backward()
+        return logp.detach(), emb.grad, mix.grad
+
+    got, ref = run(impl), run("reference")
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_head_only_hidden_grad():
+    hidden, weight, _, targets = make_inputs(7, 16, 100, dtype=torch.float64)
+    hidden.requires_grad_(True)
+    logp = flr_gathered_logprob(hidden, weight, targets, impl="torch", chunk_size=30)
+    (gh,) = torch.autograd.grad(logp.sum(), hidden)
+    h2 = hidden.detach().clone().requires_grad_(True)
+    (rh,) = torch.autograd.grad(gathered_logprob_reference(h2, weight, targets).sum(), h2)
+    torch.testing.assert_close(gh, rh, rtol=1e-10, atol=1e-12)
+    assert weight.grad is None
+
+
+def test_half_precision_grads_close():
+    hidden, weight, bias, targets = make_inputs(9, 32, 200, bias=True, n_ignored=1)
+    params = [x.bfloat16().requires_grad_(True) for x in (hidden, weight, bias)]
+    lp = flr_gathered_logprob(params[0], params[1], targets, bias=params[2], impl="torch")
+    grads = torch.autograd.grad(lp.sum(), params)
+    ref_params = [x.detach().float().requires_grad_(True) for x in params]
+    ref = gathered_logprob_reference(ref_params[0], ref_params[1], targets, bias=ref_params[2])
+    ref_grads = torch.autograd.grad(ref.sum(), ref_params)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), r, rtol=2e-2, atol=2e-2)
+
+
+class _MaxAlloc(TorchDispatchMode):
+    """Records the largest tensor produced by any op (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+def test_torch_path_never_materialises_logits():
+    n, h, v, chunk = 64, 16, 4096, 256
+    hidden, weight, bias, targets = make_inputs(n, h, v, bias=True)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    with _MaxAlloc() as mode:
+        logp = flr_gathered_logprob(
+            hidden, weight, targets, bias=bias, softcap=5.0, impl="torch", chunk_size=chunk
+        )
+        logp.sum().backward()
+    # the biggest tensors are a (N, chunk) logits chunk and the (V, H) weight gradient
+    assert mode.max_numel <= max(n * chunk, v * h) < n * v
+
+
+# --------------------------------------------------------------------------------------
+# validation and dispatch
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda a: a.update(weight=a["weight"][:, :5]), ValueError, r"weight must have shape"),
+        (lambda a: a.update(weight=a["weight"].double()), TypeError, r"weight dtype must match"),
+        (lambda a: a.update(targets=a["targets"][:3]), ValueError, r"targets must have shape"),
+        (lambda a: a.update(targets=a["targets"].float()), TypeError, r"targets must be int64"),
+        (lambda a: a.update(hidden=a["hidden"].long()), TypeError, r"hidden must be"),
+        (lambda a: a.update(bias=torch.zeros(3)), ValueError, r"bias must have shape \(V,\)"),
+        (lambda a: a.update(weight=a["weight"].to("meta")), ValueError, r"weight must be on"),
+        (lambda a: a.update(softcap=0.0), ValueError, r"softcap must be a positive"),
+        (lambda a: a.update(chunk_size=0), ValueError, r"chunk_size must be a positive"),
+        (lambda a: a.update(impl="fast"), ValueError, r"impl must be one of"),
+        (lambda a: a.update(logit_scale=float("nan")), ValueError, r"logit_scale must be"),
+        (lambda a: a["targets"].__setitem__(0, 50), ValueError, r"targets must be in \[0, V=50\)"),
+        (lambda a: a["targets"].__setitem__(0, -1), ValueError, r"found -1"),
+    ],
+)
+def test_validation_errors(mutate, exc, match):
+    hidden, weight, _, targets = make_inputs(6, 8, 50)
+    args = {"hidden": hidden, "weight": weight, "targets": targets}
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        flr_gathered_logprob(**args)
+
+
+def test_explicit_cuda_impl_without_extension(monkeypatch):
+    hidden, weight, _, targets = make_inputs(4, 8, 20)
+    why = "impl='cuda' needs flr_engine._C_cuda, which was not built: reinstall with nvcc"
+    monkeypatch.setattr(fl, "_cuda_ext", lambda: (None, why))
+    with pytest.raises(RuntimeError, match=r"impl='cuda' needs flr_engine._C_cuda"):
+        flr_gathered_logprob(hidden, weight, targets, impl="cuda")
+    assert fl._resolve_impl("auto", hidden) == "torch"  # quiet fallback
+
+
+def test_cuda_extension_status():
+    ext, why = fl._cuda_ext()
+    if ext is None:
+        assert "flr_engine._C_cuda" in why and "reinstall" in why
+    else:
+        assert hasattr(ext, "fused_logprob_forward")
+        hidden, weight, _, targets = make_inputs(4, 8, 20)
+        with pytest.raises(RuntimeError, match=r"impl='cuda' needs CUDA tensors"):
+            flr_gathered_logprob(hidden, weight, targets, impl="cuda")
+
+
+def test_explicit_triton_on_cpu_without_interpreter(monkeypatch):
+    kmod = pytest.importorskip("flr_engine.kernels.fused_logprob")
+    if not kmod.HAS_TRITON:
+        pytest.skip("triton not installed")
+    monkeypatch.setattr(kmod, "INTERPRETED", False)
+    hidden, weight, _, targets = make_inputs(4, 16, 20)
+    with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1"):
+        flr_gathered_logprob(hidden, weight, targets, impl="triton")
+    with pytest.raises(RuntimeError, match=r"supports fp32/bf16/fp16"):
+        fl._resolve_impl("triton", hidden.double())
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_imports_are_lazy():
+    res = _run_python(
+        "import sys\n"
+        "import flr_engine.ops.fused_logprob as m\n"
+        "assert 'triton' not in sys.modules, 'triton imported eagerly'\n"
+        "assert 'flr_engine._C_cuda' not in sys.modules\n"
+        "sys.modules['triton'] = None  # make `import triton` fail\n"
+        "import flr_engine.kernels.fused_logprob as k\n"
+        "assert not k.HAS_TRITON\n"
+        "import torch\n"
+        "try:\n"
+        "    k.fused_logprob_forward(torch.zeros(1, 16), torch.zeros(4, 16), None,\n"
+        "                            torch.zeros(1, dtype=torch.long))\n"
+        "except ImportError as e:\n"
+        "    assert 'pip install' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no ImportError')\n"
+        "print(m.flr_gathered_logprob(torch.zeros(2, 4), torch.zeros(3, 4),\n"
+        "                             torch.tensor([0, 2])).tolist())\n"
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().startswith("[-1.0986")
+
+
+# --------------------------------------------------------------------------------------
+# segment reductions
+# --------------------------------------------------------------------------------------
+
+
+def test_segment_sum_and_mean():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], requires_grad=True)
+    ids = torch.tensor([0, 0, 2, 2, 2])
+    s = segment_sum(values, ids, 4)
+    m = segment_mean(values, ids, 4)
+    torch.testing.assert_close(s, torch.tensor([3.0, 0.0, 12.0, 0.0]))
+    torch.testing.assert_close(m[[0, 2]], torch.tensor([1.5, 4.0]))
+    assert torch.isnan(m[1]) and torch.isnan(m[3])  # empty segments: documented NaN
+    (g,) = torch.autograd.grad(m[[0, 2]].sum() + s.sum(), values)
+    torch.testing.assert_close(g, torch.tensor([1.5, 1.5, 4 / 3, 4 / 3, 4 / 3]))
+    # (T, *) values and integer values
+    v2 = torch.arange(10.0).reshape(5, 2)
+    torch.testing.assert_close(segment_mean(v2, ids, 3)[2], torch.tensor([6.0, 7.0]))
+    torch.testing.assert_close(segment_mean(torch.arange(5), ids, 3)[0], torch.tensor(0.5))
+    assert segment_sum(torch.zeros(0), torch.zeros(0, dtype=torch.long), 2).tolist() == [0, 0]
+
+
+def test_segment_validation():
+    with pytest.raises(ValueError, match=r"segment_ids must lie in \[0, num_segments=2\)"):
+        segment_sum(torch.ones(3), torch.tensor([0, 1, 2]), 2)
+    with pytest.raises(ValueError, match=r"segment_ids must have shape \(T,\)"):
+        segment_sum(torch.ones(3), torch.tensor([0, 1]), 2)
+    with pytest.raises(TypeError, match=r"segment_ids must be int64"):
+        segment_mean(torch.ones(3), torch.ones(3), 2)
+
+
+def test_segment_sum_of_token_logprobs():
+    """Per-token log-probs of a packed batch -> per-sequence scores."""
+    hidden, weight, _, targets = make_inputs(10, 16, 64, dtype=torch.float64)
+    seq = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+    logp = flr_gathered_logprob(hidden, weight, targets, impl="torch")
+    ref = gathered_logprob_reference(hidden, weight, targets)
+    expect = torch.stack([ref[:3].sum(), ref[3:5].sum(), ref[5:].sum()])
+    torch.testing.assert_close(segment_sum(logp, seq, 3), expect)
+
+
+# --------------------------------------------------------------------------------------
+# CUDA (opt in with -m gpu) and the nvcc compile check
+# --------------------------------------------------------------------------------------
+
+
+def _cuda_ext_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ext, why = fl._cuda_ext()
+    if ext is None:
+        pytest.skip(why)
+    return ext
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "n,h,v", [(1, 64, 1009), (13, 48, 1009), (300, 576, 49152), (2048, 128, 5000)]
+)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(o) or "plain")
+def test_cuda_extension_matches_reference(dtype, n, h, v, opts):
+    _cuda_ext_or_skip()
+    opts = dict(opts)
+    hidden, weight, bias, targets = make_inputs(
+        n, h, v, bias=opts.pop("bias", False), n_ignored=n // 5, dtype=dtype, device="cuda"
+    )
+    got, lse = _run("cuda", hidden, weight, targets, bias, return_lse=True, **opts)
+    ref, ref_lse = gathered_logprob_reference(
+        hidden, weight, targets, bias=bias, return_lse=True, **opts
+    )
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse, ref_lse, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_cuda_extension_strided_hidden_grads_and_auto():
+    _cuda_ext_or_skip()
+    hidden, weight, bias, targets = make_inputs(33, 64, 3001, bias=True, device="cuda")
+    wide = torch.randn(33, 200, device="cuda")
+    wide[:, 10:74] = hidden
+    strided = wide[:, 10:74]  # (N, H), row stride 200
+    assert fl._resolve_impl("auto", strided) == "cuda"
+    got = _run("auto", strided, weight, targets, bias, softcap=7.0)
+    ref = gathered_logprob_reference(hidden, weight, targets, bias=bias, softcap=7.0)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    params = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    ref_params = [x.clone().requires_grad_(True) for x in params]
+    out = flr_gathered_logprob(params[0], params[1], targets, bias=params[2], impl="cuda")
+    grads = torch.autograd.grad(out.sum(), params)
+    ref_out = gathered_logprob_reference(ref_params[0], ref_params[1], targets, bias=ref_params[2])
+    ref_grads = torch.autograd.grad(ref_out.sum(), ref_params)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_on_gpu_matches_reference(dtype):
+    if not torch.cuda.is_available() or not _has_triton():
+        pytest.skip("needs CUDA and triton")
+    hidden, weight, bias, targets = make_inputs(
+        300, 576, 49152, bias=True, n_ignored=7, dtype=dtype, device="cuda"
+    )
+    got = _run("triton", hidden, weight, targets, bias, softcap=30.0)
+    ref = gathered_logprob_reference(hidden, weight, targets, bias=bias, softcap=30.0)
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_compile_cuda_script():
+    res = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "compile_cuda.sh")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "ok    sm_80  csrc/cuda/fused_logprob.cu" in res.stdout
+    assert "ok    sm_90  csrc/cuda/fused_logprob.cu" in res.stdout
+
+
+def test_compile_cuda_script_without_nvcc(tmp_path):
+    env = {"PATH": str(tmp_path), "NVCC": "definitely-not-nvcc"}
+    res = subprocess.run(
+        ["/bin/bash", str(ROOT / "scripts" / "compile_cuda.sh")],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0
+    assert "nvcc not found, skipping CUDA compile check" in res.stdout
