@@ -41,7 +41,7 @@ def test_engine_equals_reference(arch, family, opts):
     tok = make_tokenizer(family)
     model = make_model(arch, vocab_size=len(tok))
     ref = FLRScorer(model, tok, templates="flr-mixed", engine="reference", **opts).score(CONVS, REPLIES)
-    scorer = FLRScorer(model, tok, templates="flr-mixed", engine="engine", engine_kwargs={"token_budget": 600}, **opts)
+    scorer = FLRScorer(model, tok, templates="flr-mixed", engine="engine", engine_kwargs={"token_budget": 300}, **opts)
     eng = scorer.score(CONVS, REPLIES)
     assert scorer.engine_name == "engine"
     stats = scorer.backend.last_stats
