@@ -43,14 +43,18 @@ class PrefixCacheBackend:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _groups(self, seqs: list[ScoredSequence]) -> list[list[int]]:
-        """Consecutive runs of sequences sharing at least their first 16 tokens."""
+    @staticmethod
+    def _groups(seqs: list[ScoredSequence], slack: int = 8) -> list[list[int]]:
+        """Consecutive runs of sequences that share everything up to (about) their scored
+        part: the same conversation and reply, different follow-ups."""
         groups: list[list[int]] = []
         for i, s in enumerate(seqs):
-            if groups and seqs[groups[-1][0]].ids[:16] == s.ids[:16]:
-                groups[-1].append(i)
-            else:
-                groups.append([i])
+            if groups:
+                first = seqs[groups[-1][0]]
+                if _lcp([first.ids, s.ids]) >= min(first.targets[0], s.targets[0]) - slack:
+                    groups[-1].append(i)
+                    continue
+            groups.append([i])
         return groups
 
     @torch.no_grad()

@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write all results as JSON")
     p.set_defaults(func=cmd_bench)
 
+    from flr_engine.evaluation.cli import add_eval_parser
+
+    add_eval_parser(sub)
+
     p = sub.add_parser("env", help="versions and which backends are built and usable")
     p.set_defaults(func=cmd_env)
 

@@ -1,0 +1,169 @@
+"""The ``flr eval`` subcommand: FLR vs baselines on preference and rating sets.
+
+Wire it into the main parser with ``add_eval_parser(subparsers)``; ``main(argv)`` runs it
+standalone (``python -m flr_engine.evaluation.cli eval ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("flr_engine")
+
+EVAL_EXAMPLES = """examples:
+  flr eval ../shared/data/pairwise --out runs/eval --limit 200
+  flr eval ../shared/data --out runs/all --model ./my-model
+  flr eval prefs.jsonl ../shared/data/rating/fed-turn.jsonl.gz --out runs/x --reward-model ./rm
+  flr eval ../shared/data/pairwise --out runs/cal \
+      --calibrate-on hh-rlhf-helpful-base
+
+inputs: .jsonl(.gz) files or folders of them (recursive); one set per file, schema detected:
+  pairwise  {"context": [messages], "chosen": str, "rejected": str, "tie": bool}
+  rating    {"context": [messages], "response": str, "score": float}
+  TRL       {"prompt": str|[messages], "chosen": str|[msg], "rejected": str|[msg]}
+            or chosen/rejected as whole conversations sharing a prefix (implicit prompt)
+  HH        {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}
+Ties (tie: true, or chosen == rejected) are skipped and counted. Methods: FLR, Direct (mean
+log p of the reply), Length (characters), Random (seeded), RM (--reward-model). Pairwise
+sets: accuracy (score ties count 0.5); rating sets: Pearson/Spearman/Kendall; all with
+bootstrap intervals, per dimension and per template.
+(The HH sets of ../shared/data hold a few empty replies: counts them as bad.)
+Output in --out: results.json, report.md, eval.png, sets/*. A rerun skips finished sets
+and resumes an interrupted one row by row (--overwrite starts over)."""
+
+
+def _scorer_from_args(args):
+    """The scorer ``flr score`` would build from these arguments (imported lazily, so that
+    ``flr_engine.cli`` may import this module at its top without an import cycle)."""
+    from flr_engine.cli import _scorer_from_args as build
+
+    return build(args)
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``eval`` on an ``argparse`` subparsers object; returns its parser."""
+    from flr_engine.cli import _add_model_args, _add_reward_args
+
+    p = subparsers.add_parser(
+        "eval",
+        help="accuracy / correlation of FLR and baselines on preference and rating sets",
+        epilog=EVAL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("data", nargs="+", help=".jsonl(.gz) files or folders of them")
+    p.add_argument("--out", required=True, help="folder for results (resumable)")
+    p.add_argument("--limit", type=int, default=None, help="first N non-tie rows per set")
+    p.add_argument("--batch-size", type=int, default=4, help="rows scored per backend call")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--level", type=float, default=0.95, help="interval level")
+    p.add_argument("--seed", type=int, default=0, help="seed of bootstrap, random baseline, CV")
+    p.add_argument(
+        "--calibrate-on",
+        default=None,
+        metavar="SET",
+        help="fit per-template weights on this pairwise set (logistic regression, CV'd L2) "
+        "and report the calibrated reward on the other sets",
+    )
+    p.add_argument(
+        "--reward-model",
+        default=None,
+        metavar="PATH",
+        help="a local transformers sequence-classification model, as another column",
+    )
+    p.add_argument("--on-error", default="skip", choices=["fail", "skip"],
+                   help="on a bad row: log it with file:line, count and skip it (default), or stop")
+    p.add_argument("--overwrite", action="store_true", help="recompute everything")
+    p.add_argument("--no-figure", action="store_true", help="skip eval.png")
+    _add_model_args(p)
+    _add_reward_args(p)
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def cmd_eval(args) -> int:
+    from flr_engine.evaluation.data import load_sets
+    from flr_engine.evaluation.run import EvalConfig, RewardModelScorer, run_eval
+    from flr_engine.io import RowError
+    from flr_engine.templates import load_templates
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    dims = args.dimensions.split(",") if args.dimensions else None
+    templates = load_templates(args.templates).select(dims)  # fail fast, before any model
+    try:
+        sets = load_sets(args.data, on_error=args.on_error)  # validate all inputs first
+    except RowError as exc:
+        where = f"{exc.path}:{exc.line}" + (f": field '{exc.field}'" if exc.field else "")
+        message = str(exc)[len(where) + 2 :] + " (the default --on-error skip skips, counts and lists such rows)"
+        raise RowError(exc.path, exc.line, exc.field, message) from None
+    for es in sets:
+        log.info("set %s: %s, %d rows, %d usable, %d ties, %d bad", es.name, es.schema,
+                 es.rows, len(es.items), es.ties, es.bad)
+    cfg = EvalConfig(
+        out=args.out,
+        scoring={
+            "model": args.model,
+            "templates": args.templates,
+            "mode": args.mode,
+            "reduction": args.reduction,
+            "score_eot": args.score_eot,
+            "dimensions": args.dimensions,
+            "dtype": args.dtype,
+            "chat_template": args.chat_template,
+        },
+        limit=args.limit,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        n_boot=args.bootstrap,
+        level=args.level,
+        calibrate_on=args.calibrate_on,
+        reward_model=args.reward_model,
+        on_error=args.on_error,
+        overwrite=args.overwrite,
+        quiet=getattr(args, "quiet", False),
+        figure=not args.no_figure,
+    )
+    rm_factory = None
+    if args.reward_model:
+        def rm_factory():
+            return RewardModelScorer(args.reward_model, device=args.device, dtype=args.dtype)
+
+    res = run_eval(sets, cfg, templates, lambda: _scorer_from_args(args), rm_factory)
+    print(res["markdown"], end="")
+    print(f"\nwrote {', '.join(res['files'].values())} ({res['seconds']:.1f}s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``flr eval`` on its own (the same behaviour as through the main ``flr`` parser)."""
+    from flr_engine.chat import InputError
+    from flr_engine.io import RowError
+    from flr_engine.models import ModelLoadError
+
+    parser = argparse.ArgumentParser(prog="flr")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_eval_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except (RowError, InputError, FileNotFoundError, ValueError, ModelLoadError) as exc:
+        print(f"flr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flr {args.command}: interrupted; results written so far are kept",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

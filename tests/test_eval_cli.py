@@ -1,0 +1,218 @@
+"""`flr eval` end to end on a tiny random model: report, JSON, figure, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from flr_engine.evaluation import cli as eval_cli
+from flr_engine.evaluation.cli import main
+
+Q = [
+    "What is the capital of France?",
+    "How do I bake bread?",
+    "Can you help me write a poem about the sea?",
+    "Tell me about turtles.",
+    "What is 2+2?",
+]
+PAIRS = [
+    {"id": f"p{i}", "context": [{"role": "user", "content": q}], "chosen": c, "rejected": r,
+     "tie": False}
+    for i, (q, c, r) in enumerate(zip(
+        Q,
+        ["The capital of France is Paris.", "Mix flour, water, yeast and salt.",
+         "The sea is wide and blue.", "Turtles are reptiles with shells.", "It is 4."],
+        ["I like turtles.", "No.", "Paris.", "Bread.", "Five, maybe."],
+    ))
+]
+PAIRS.insert(1, {**PAIRS[0], "id": "tie", "tie": True})
+RATINGS = [
+    {"id": f"r{i}", "context": [{"role": "user", "content": q}], "response": r, "score": s}
+    for i, (q, r, s) in enumerate(zip(
+        Q, ["Paris.", "Knead and bake it.", "No.", "Turtles have shells.", "4"], [4, 3, 1, 3.5, 5]
+    ))
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run ~100x faster on one thread than on two contended ones."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write(path, rows):
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def run(model, out, *data, extra=()):
+    return main(["-q", "eval", *map(str, data), "--out", str(out), "--model", str(model),
+                 "--templates", "flr-mixed", "--engine", "reference", "--limit", "3",
+                 "--bootstrap", "50", *extra])
+
+
+@pytest.fixture(scope="module")
+def first(tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    data = d / "data"
+    data.mkdir()
+    write(data / "pairs.jsonl", PAIRS)
+    write(data / "ratings.jsonl", RATINGS)
+    write(data / "ties.jsonl", [{**PAIRS[1]}] * 2)
+    out = d / "out"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = run(tiny_model_dir, out, data)
+    return {"rc": rc, "stdout": buf.getvalue(), "out": out, "data": data}
+
+
+def test_eval_writes_table_json_and_figure(first):
+    assert first["rc"] == 0
+    out, text = first["out"], first["stdout"]
+    assert "| set | n | ties | bad | FLR | Direct | Length | Random |" in text
+    assert "| pairs | 3 | 1 | 0 |" in text  # limit 3 non-tie pairs; the tie is counted
+    assert "| ties | 0 | 2 | 0 | no non-tie pairs |" in text
+    assert "| ratings | 3 | spearman |" in text
+    res = json.load(open(out / "results.json"))
+    pairs = res["sets"]["pairs"]
+    assert pairs["n"] == 3 and pairs["ties"] == 1 and pairs["computed_rows"] == 3
+    for m in ("flr", "direct", "length", "random"):
+        acc = pairs["methods"][m]["accuracy"]
+        assert 0 <= acc["value"] <= 1 and acc["ci"][0] <= acc["value"] <= acc["ci"][1]
+    # Length: chosen is longer in the first 3 non-tie pairs -> 100%
+    assert pairs["methods"]["length"]["accuracy"]["value"] == 1.0
+    assert list(pairs["dimensions"]) == ["overall"]
+    assert len(pairs["templates"]) == 39 and {"text", "polarity", "accuracy"} <= set(pairs["templates"][0])
+    ratings = res["sets"]["ratings"]
+    assert {"pearson", "spearman", "kendall", "n"} <= set(ratings["methods"]["flr"])
+    assert res["sets"]["ties"]["note"] == "no non-tie pairs"
+    with open(out / "eval.png", "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(x) for x in open(out / "sets" / "pairs.rows.jsonl")]
+    assert [r["line"] for r in rows] == [1, 3, 4]  # line 2 is the tie
+    assert len(rows[0]["chosen"]["lp"]) == 39 and rows[0]["chosen"]["length"] == len(PAIRS[0]["chosen"])
+
+
+def test_flr_and_direct_match_the_api(first, tiny_model_dir):
+    from flr_engine import FLRScorer
+
+    s = FLRScorer.from_pretrained(str(tiny_model_dir), templates="flr-mixed", engine="reference")
+    row = json.loads(open(first["out"] / "sets" / "pairs.rows.jsonl").readline())
+    ctx, reply = PAIRS[0]["context"], PAIRS[0]["chosen"]
+    assert s.score([ctx], [reply])[0].reward == pytest.approx(row["chosen"]["reward"], abs=1e-5)
+    # Direct by hand: mean log p of the reply's tokens given the context
+    import torch
+
+    seq = s.prepare(ctx, reply).sequences[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(s.model(torch.tensor([seq.ids])).logits[0].float(), -1)
+    t = seq.reply_targets
+    direct = logp[[n - 1 for n in t], [seq.ids[n] for n in t]].mean().item()
+    assert direct == pytest.approx(row["chosen"]["direct"], abs=1e-5)
+
+
+def test_rerun_reuses_finished_sets_without_loading_a_model(first, tiny_model_dir, monkeypatch, capsys):
+    out = first["out"]
+    rows = out / "sets" / "pairs.rows.jsonl"
+    before, mtime = rows.read_bytes(), os.stat(rows).st_mtime_ns
+
+    def boom(args):
+        raise AssertionError("the model must not be loaded for finished sets")
+
+    monkeypatch.setattr(eval_cli, "_scorer_from_args", boom)
+    assert run(tiny_model_dir, out, first["data"]) == 0
+    text = capsys.readouterr().out
+    assert "reused finished results for: pairs, ratings, ties" in text
+    assert rows.read_bytes() == before and os.stat(rows).st_mtime_ns == mtime
+    res = json.load(open(out / "results.json"))
+    assert res["sets"]["pairs"]["cached"] is True
+
+
+def test_interrupted_set_resumes_where_it_stopped(first, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(first["out"], out)
+    rows = out / "sets" / "pairs.rows.jsonl"
+    full = rows.read_text().splitlines(keepends=True)
+    rows.write_text(full[0] + full[1][: len(full[1]) // 2])  # 1 row + a torn line
+    os.remove(out / "sets" / "pairs.result.json")
+    assert run(tiny_model_dir, out, first["data"] / "pairs.jsonl") == 0
+    res = json.load(open(out / "results.json"))
+    assert res["sets"]["pairs"]["computed_rows"] == 2
+    again = rows.read_text().splitlines(keepends=True)
+    assert [json.loads(x)["line"] for x in again] == [1, 3, 4]
+    for new, old in zip(again, full):
+        new, old = json.loads(new), json.loads(old)
+        assert new["chosen"]["reward"] == pytest.approx(old["chosen"]["reward"], abs=1e-5)
+        assert new["rejected"]["lp"] == pytest.approx(old["rejected"]["lp"], abs=1e-5)
+
+
+def test_calibration_reports_only_other_sets(tiny_model_dir, tmp_path, capsys):
+    a = write(tmp_path / "a.jsonl", [p for p in PAIRS if not p["tie"]])
+    b = write(tmp_path / "b.jsonl", RATINGS[:3])
+    args = ["--limit", "5", "--calibrate-on", "a", "--no-figure"]
+    assert main(["-q", "eval", a, b, "--out", str(tmp_path / "o"), "--model", str(tiny_model_dir),
+                 "--templates", "flr-mixed", "--engine", "engine", "--bootstrap", "30", *args]) == 0
+    text = capsys.readouterr().out
+    assert "FLR-cal" in text and "(fit set)" in text and "Calibration: per-template" in text
+    res = json.load(open(tmp_path / "o" / "results.json"))
+    cal = res["calibration"]
+    assert cal["fit_on"] == "a" and list(cal["transfer"]) == ["b"] and len(cal["weights"]) == 39
+    assert not (tmp_path / "o" / "eval.png").exists()
+    # too few pairs to fit: the rest of the report stands (rows are reused, not rescored)
+    args[1] = "3"
+    assert main(["-q", "eval", a, b, "--out", str(tmp_path / "o"), "--model", str(tiny_model_dir),
+                 "--templates", "flr-mixed", "--bootstrap", "30", *args]) == 0
+    text = capsys.readouterr().out
+    assert "Calibration on a failed: calibration needs at least 4" in text and "FLR-cal" not in text
+    assert json.load(open(tmp_path / "o" / "results.json"))["sets"]["a"]["computed_rows"] == 0
+    assert main(["-q", "eval", a, "--out", str(tmp_path / "o"), "--calibrate-on", "zzz",
+                 "--model", str(tiny_model_dir), "--templates", "flr-mixed"]) == 2
+    assert "no such set" in capsys.readouterr().err
+
+
+def test_bad_rows_fail_before_any_model_load(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(eval_cli, "_scorer_from_args", lambda a: 1 / 0)
+    p = write(tmp_path / "x.jsonl", [PAIRS[0], {"context": "hi", "chosen": "a"}])
+    assert main(["-q", "eval", p, "--out", str(tmp_path / "o"), "--on-error", "fail"]) == 2
+    assert "x.jsonl:2: field 'rejected': missing" in capsys.readouterr().err
+    q = write(tmp_path / "y.jsonl", [{"question": "hi"}])
+    assert main(["-q", "eval", q, "--out", str(tmp_path / "o"), "--on-error", "fail"]) == 2
+    assert "y.jsonl:1: unknown row format" in capsys.readouterr().err
+
+
+def test_reward_model_column(tiny_model_dir, tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny import make_tokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    tok = make_tokenizer("chatml")
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                               max_position_embeddings=256, num_labels=1, pad_token_id=0)
+    rm = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(rm)
+    tok.save_pretrained(rm)
+    p = write(tmp_path / "p.jsonl", PAIRS[:3])
+    assert main(["-q", "eval", p, "--out", str(tmp_path / "o"), "--model", str(tiny_model_dir),
+                 "--templates", "flr-mixed", "--dimensions", "overall", "--engine", "reference",
+                 "--limit", "2", "--bootstrap", "20", "--reward-model", str(rm), "--no-figure"]) == 0
+    assert "| RM |" in capsys.readouterr().out
+    res = json.load(open(tmp_path / "o" / "results.json"))
+    assert res["sets"]["p"]["methods"]["rm"]["accuracy"]["n"] == 2
+    rows = [json.loads(x) for x in open(tmp_path / "o" / "sets" / "p.rm.jsonl")]
+    assert [r["line"] for r in rows] == [1, 3] and isinstance(rows[0]["chosen"], float)
