@@ -17,31 +17,14 @@ import time
 import pytest
 import torch
 
+from flr_engine.engine.packer import pack_sequences
 from flr_engine.ops.tree_attention import TreeAttentionPlan, flr_tree_attention
 
 
 def _pack(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pre-order trie pack -> (subtree_end, positions), (T,) int64 (iterative DFS)."""
-    root: dict = {}
-    for s in seqs:
-        node = root
-        for t in s:
-            node = node.setdefault(t, {})
-    se: list[int] = []
-    pos: list[int] = []
-    stack = [(iter(root.items()), -1)]
-    while stack:
-        it, owner = stack[-1]
-        nxt = next(it, None)
-        if nxt is None:
-            stack.pop()
-            if owner >= 0:
-                se[owner] = len(se)
-            continue
-        se.append(-1)
-        pos.append(len(stack) - 1)
-        stack.append((iter(nxt[1].items()), len(se) - 1))
-    return torch.tensor(se), torch.tensor(pos)
+    """Pre-order trie pack -> (subtree_end, positions), (T,) int64 (the engine's packer)."""
+    pack = pack_sequences(seqs, token_budget=10**9).packs[0]
+    return pack.subtree_end, pack.position_ids
 
 
 def _wide_tree(prefix=500, n_cand=4, cand=60, n_fu=120, fu=8, seed=0):

@@ -139,30 +139,10 @@ def cmd_eval(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``flr eval`` on its own (the same behaviour as through the main ``flr`` parser)."""
-    from flr_engine.chat import InputError
-    from flr_engine.io import RowError
-    from flr_engine.models import ModelLoadError
+    """``flr eval`` on its own: the main ``flr`` entry point (same parser, same errors)."""
+    from flr_engine.cli import main as flr_main
 
-    parser = argparse.ArgumentParser(prog="flr")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_eval_parser(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    try:
-        return args.func(args)
-    except (RowError, InputError, FileNotFoundError, ValueError, ModelLoadError) as exc:
-        print(f"flr {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"flr {args.command}: interrupted; results written so far are kept",
-              file=sys.stderr)
-        return 130
+    return flr_main(argv)
 
 
 if __name__ == "__main__":
