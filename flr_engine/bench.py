@@ -9,8 +9,9 @@ Providers (all score the *same* rendered sequences and must agree):
                       SDPA over each pack, no LM head, no scoring): what no scorer beats
                       by much on this machine.
 
-Each provider runs in its own subprocess so its peak memory (max RSS above the loaded
-model) is its own. The reference is too slow to run whole on a CPU: it is timed on a
+Each provider runs in its own subprocess; its peak memory is the peak RSS above the RSS
+before scoring (the model loaded, the sequences rendered, one warm-up call on two sequences
+done), sampled every 2 ms. The reference is too slow to run whole on a CPU: it is timed on a
 random sample of the sequences and its time scaled by the sequence count (its cost is a
 sum of independent per-sequence passes), and labelled so.
 
@@ -31,6 +32,7 @@ import random
 import resource
 import subprocess
 import sys
+import threading
 import time
 
 PROVIDERS = ("reference", "hf-prefix-cache", "engine", "limit")
@@ -74,8 +76,68 @@ def load_pairs(path: str, n_conv: int, n_replies: int = 2, context_tokens: int |
     return convs, replies
 
 
-def _max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _rss_mb() -> float:
+    """Current resident set size (Linux /proc; falls back to the lifetime max elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class PeakMemory:
+    """Peak RSS above the starting RSS while the block runs, sampled every 2 ms.
+
+    Workers run with ``MALLOC_MMAP_THRESHOLD_`` set so large freed buffers go back to the OS
+    and RSS follows live memory rather than the allocator's high-water mark.
+    """
+
+    def __enter__(self):
+        self.base = self.peak = _rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+    @property
+    def extra_mb(self) -> float:
+        return self.peak - self.base
+
+
+def _run_provider(provider: str, scorer, seqs: list, ref_sample: int, token_budget: int, seed: int) -> dict:
+    """Time one provider on ``seqs``; return its seconds (and scores / token counts)."""
+    import torch
+
+    t0 = time.perf_counter()
+    if provider == "reference":
+        sample = sorted(random.Random(seed).sample(range(len(seqs)), min(ref_sample, len(seqs))))
+        vals = scorer.backend.sequence_scores([seqs[i] for i in sample])
+        dt = time.perf_counter() - t0
+        return dict(seconds=dt * len(seqs) / len(sample), measured_seconds=dt, sampled=len(sample),
+                    scores={str(i): v for i, v in zip(sample, vals)})
+    if provider == "limit":
+        from flr_engine.engine.packer import pack_sequences
+
+        result = pack_sequences([s.ids for s in seqs], token_budget)
+        decoder = scorer.model.get_decoder()
+        with torch.no_grad():
+            for pack in result.packs:
+                decoder(input_ids=pack.input_ids[None], use_cache=False)
+        return dict(seconds=time.perf_counter() - t0, unique_tokens=result.num_unique)
+    vals = scorer.backend.sequence_scores(seqs)
+    out = dict(seconds=time.perf_counter() - t0, scores={str(i): v for i, v in enumerate(vals)})
+    if provider == "engine":
+        out["unique_tokens"] = scorer.backend.last_stats["unique_tokens"]
+    return out
 
 
 def run_worker(provider: str, model: str, data: str, n_conv: int, templates: str, n_followups: int | None,
@@ -99,31 +161,12 @@ def run_worker(provider: str, model: str, data: str, n_conv: int, templates: str
     prepared = [scorer.prepare(c, r) for c, r in zip(convs, replies)]
     seqs = [s for p in prepared for s in p.sequences]
     total_tokens = sum(len(s.ids) for s in seqs)
-    rss0 = _max_rss_mb()
     out = {"provider": provider, "sequences": len(seqs), "total_tokens": total_tokens,
            "threads": torch.get_num_threads()}
-    t0 = time.perf_counter()
-    if provider == "reference":
-        sample = sorted(random.Random(seed).sample(range(len(seqs)), min(ref_sample, len(seqs))))
-        vals = scorer.backend.sequence_scores([seqs[i] for i in sample])
-        dt = time.perf_counter() - t0
-        out.update(seconds=dt * len(seqs) / len(sample), measured_seconds=dt, sampled=len(sample),
-                   scores={str(i): v for i, v in zip(sample, vals)})
-    elif provider == "limit":
-        from flr_engine.engine.packer import pack_sequences
-
-        result = pack_sequences([s.ids for s in seqs], token_budget)
-        decoder = scorer.model.get_decoder()
-        with torch.no_grad():
-            for pack in result.packs:
-                decoder(input_ids=pack.input_ids[None], use_cache=False)
-        out.update(seconds=time.perf_counter() - t0, unique_tokens=result.num_unique)
-    else:
-        vals = scorer.backend.sequence_scores(seqs)
-        out.update(seconds=time.perf_counter() - t0, scores={str(i): v for i, v in enumerate(vals)})
-        if provider == "engine":
-            out["unique_tokens"] = scorer.backend.last_stats["unique_tokens"]
-    out["peak_mem_mb"] = _max_rss_mb() - rss0
+    _run_provider(provider, scorer, seqs[:2], 2, token_budget, seed)  # warm-up: one-off inits
+    with PeakMemory() as mem:
+        out.update(_run_provider(provider, scorer, seqs, ref_sample, token_budget, seed))
+    out["peak_mem_mb"] = mem.extra_mb
     out["tokens_per_s"] = total_tokens / out["seconds"]
     return out
 
@@ -143,7 +186,8 @@ def run_all(providers, *, model="default", data=DEFAULT_DATA, n_conv=16, templat
             cmd += ["--context-tokens", str(context_tokens)]
         cmd += ["--n-replies", str(n_replies)]
         log(f"[bench] {p} ...")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"bench worker {p} failed:\n{proc.stderr[-2000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
