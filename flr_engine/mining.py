@@ -1,0 +1,349 @@
+"""Preference mining: sample replies from a policy, rank them with FLR, keep best vs worst.
+
+For every prompt (a conversation ending with a user turn)::
+
+    samples   y_1 .. y_K ~ pi(. | prompt)        K = num_samples, temperature T, top-p p
+    distinct  Y = unique(y_k)                    (exact string duplicates dropped)
+    rewards   r(y) = FLR reward of y as the reply to the prompt     (one scorer call for Y)
+    chosen    y+ = argmax_{y in Y} r(y),  rejected  y- = argmin_{y in Y} r(y)
+    margin    r(y+) - r(y-)
+
+A prompt is *skipped* (written to ``OUT.skipped.jsonl``, counted) when it has fewer than 2
+distinct non-empty samples, when ``margin < min_margin`` or the margin is 0 (all rewards
+equal: no preference), or when FLR cannot score it (e.g. too long for the follow-up model).
+
+Sampling is reproducible per prompt: the samples of the prompt on input line ``n`` depend on
+``(seed, n)`` only (the RNG is seeded from them right before its ``generate`` call, inside a
+forked RNG state), so a resumed run regenerates exactly what an uninterrupted run would.
+One ``generate`` call per prompt, its K samples as the batch (``num_return_sequences``).
+
+Output rows are in TRL's conversational preference format, plus what was mined from::
+
+    {"prompt": [messages], "chosen": [{"role": "assistant", "content": y+}],
+     "rejected": [{"role": "assistant", "content": y-}], "scores": [r(y) for y in Y],
+     "samples": Y, "margin": r(y+) - r(y-), "line": n, "id": ...}
+
+written row by row with :class:`flr_engine.io.ResumableWriter` (a rerun skips finished
+prompts, mined or skipped; a rerun with other settings is refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from flr_engine.chat import InputError, normalize_conversation
+from flr_engine.io import ResumableWriter, RowError, read_jsonl
+
+log = logging.getLogger(__name__)
+
+_REPLY_SENTINEL = "FLRREPLYSENTINEL7f3a"  # no whitespace / control characters: survives trim
+
+
+@dataclass
+class MineConfig:
+    """Sampling and selection settings of ``flr mine`` (the paper: 8 samples, T=0.7, p=0.9)."""
+
+    num_samples: int = field(default=8, metadata={"help": "samples per prompt (K)"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling mass"})
+    max_new_tokens: int = field(default=256, metadata={"help": "max tokens per sample"})
+    min_margin: float = field(
+        default=0.0,
+        metadata={"help": "skip prompts whose reward margin (best - worst) is below this"},
+    )
+    seed: int = field(
+        default=0, metadata={"help": "sampling seed; each prompt uses hash(seed, line)"}
+    )
+
+    def __post_init__(self):
+        if self.num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 (a pair needs two), got {self.num_samples}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not math.isfinite(self.min_margin):
+            raise ValueError(f"min_margin must be finite, got {self.min_margin}")
+
+
+@dataclass
+class PromptRow:
+    line: int
+    id: object
+    messages: list[dict]
+
+
+@dataclass
+class MineStats:
+    """What a run did. ``done_before``: prompts found finished in the output (resume)."""
+
+    prompts: int = 0
+    done_before: int = 0
+    mined: int = 0
+    skipped_few_distinct: int = 0
+    skipped_margin: int = 0
+    skipped_error: int = 0
+    samples: int = 0
+    distinct: int = 0
+    seconds: float = 0.0
+
+    @property
+    def processed(self) -> int:
+        return self.mined + self.skipped_few_distinct + self.skipped_margin + self.skipped_error
+
+    def summary(self) -> str:
+        rate = self.processed / self.seconds if self.seconds > 0 else float("nan")
+        return (
+            f"{self.processed} prompts in {self.seconds:.1f}s ({rate:.2f} prompts/s): "
+            f"{self.mined} pairs written; skipped {self.skipped_few_distinct} with < 2 distinct "
+            f"samples, {self.skipped_margin} with a margin below min-margin (or no preference), "
+            f"{self.skipped_error} unscorable; {self.done_before} already done before; "
+            f"{self.distinct} distinct of {self.samples} samples"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"processed": self.processed}
+
+
+# --------------------------------------------------------------------------------------
+# prompts
+# --------------------------------------------------------------------------------------
+
+
+def parse_prompt_row(path: str, line: int, obj: dict) -> PromptRow:
+    """Accept ``{"prompt": str | [messages]}``, ``{"messages": [...]}`` or ``{"context": [...]}``
+    (the pairwise files of ../shared/data: their context). ``messages`` may end with assistant
+    turns (a whole chat): those are dropped, the prompt ends at the last user turn."""
+    for key in ("prompt", "context", "messages"):
+        if key in obj:
+            break
+    else:
+        raise RowError(path, line, None, "row needs 'prompt', 'messages' or 'context'")
+    value = obj[key]
+    if key == "messages" and isinstance(value, list):
+        while value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+            value = value[:-1]
+    try:
+        msgs = normalize_conversation(value, key)
+    except InputError as exc:
+        raise RowError(path, line, exc.field, exc.message) from None
+    return PromptRow(line, obj.get("id", line), msgs)
+
+
+def read_prompts(path: str, limit: int | None = None) -> list[PromptRow]:
+    """All prompt rows of a JSONL(.gz) file (validated up front; a bad row raises RowError
+    ``path:line: field``). ``limit``: the first N rows only."""
+    out = []
+    for line, obj in read_jsonl(path):
+        if limit is not None and len(out) >= limit:
+            break
+        out.append(parse_prompt_row(path, line, obj))
+    if not out:
+        raise ValueError(f"{path}: no prompts")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# chat-template helpers (shared with flr_engine.dpo)
+# --------------------------------------------------------------------------------------
+
+
+def require_chat_template(tokenizer, what: str = "the policy") -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            f"{what} has no chat template: pass --chat-template FILE (a Jinja template), "
+            "e.g. for a base model"
+        )
+
+
+def generation_prompt(tokenizer, messages: list[dict]) -> str:
+    """The rendered text up to where the assistant reply starts.
+
+    Rendered as ``messages + [assistant: SENTINEL]`` and cut at the sentinel, so templates
+    without ``add_generation_prompt`` support work too; the result is exactly the prefix the
+    reply sits behind in training data (:mod:`flr_engine.dpo` renders replies the same way).
+    """
+    full = tokenizer.apply_chat_template(
+        messages + [{"role": "assistant", "content": _REPLY_SENTINEL}], tokenize=False
+    )
+    if full.count(_REPLY_SENTINEL) == 1:
+        return full[: full.index(_REPLY_SENTINEL)]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: ``eos_token_id`` plus the special token the chat
+    template writes right after an assistant reply (``<|im_end|>``, ``<|eot_id|>``,
+    ``<end_of_turn>``, ...), found by rendering a probe conversation."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    reply = "Hello there"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}],
+        tokenize=False,
+    )
+    end = text.rfind(reply)
+    if end >= 0:
+        end += len(reply)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        special = set(tokenizer.all_special_ids) | set(
+            getattr(tokenizer, "added_tokens_decoder", {})
+        )
+        after = [n for n, (a, b) in enumerate(enc["offset_mapping"]) if a >= end and b > a]
+        for n in after[:3]:  # the first special token shortly after the reply
+            tid = enc["input_ids"][n]
+            if tid in special:
+                if tid not in ids:
+                    ids.append(int(tid))
+                break
+    if not ids:
+        raise InputError("cannot tell the end-of-turn token: the tokenizer has no eos_token")
+    return ids
+
+
+def prompt_seed(seed: int, line: int) -> int:
+    """A 63-bit seed from (seed, line): the samples of a prompt do not depend on the run."""
+    digest = hashlib.sha256(f"flr-mine:{seed}:{line}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# --------------------------------------------------------------------------------------
+# sampling and mining
+# --------------------------------------------------------------------------------------
+
+
+class Miner:
+    """Samples from ``policy`` and ranks the samples with ``scorer`` (an FLRScorer)."""
+
+    def __init__(self, policy, tokenizer, scorer, config: MineConfig):
+        from transformers import GenerationConfig
+
+        require_chat_template(tokenizer)
+        self.policy, self.tok, self.scorer, self.config = policy, tokenizer, scorer, config
+        self.eot = end_of_turn_ids(tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot[0]
+        self.gen_config = GenerationConfig(
+            do_sample=True,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=0,  # no top-k cut (the library default is 50): top-p only, as in the paper
+            max_new_tokens=config.max_new_tokens,
+            num_return_sequences=config.num_samples,
+            eos_token_id=self.eot,
+            pad_token_id=pad,
+        )
+        self.max_positions = getattr(policy.config, "max_position_embeddings", None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def sample(self, messages: list[dict], line: int) -> list[str]:
+        """K samples for one prompt (decoded, stripped; empty ones and exact duplicates
+        dropped, first occurrence order). Deterministic in ``(config.seed, line)``."""
+        text = generation_prompt(self.tok, messages)
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        if self.max_positions and len(ids) + self.config.max_new_tokens > self.max_positions:
+            keep = max(self.max_positions - self.config.max_new_tokens, 1)
+            log.warning("line %d: prompt of %d tokens cut to its last %d", line, len(ids), keep)
+            ids = ids[-keep:]
+        dev = self.device
+        input_ids = torch.tensor([ids], device=dev)
+        devices = [dev.index or 0] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(prompt_seed(self.config.seed, line))
+            out = self.policy.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                generation_config=self.gen_config,
+            )  # (K, P + new)
+        samples = []
+        for row in out[:, len(ids) :].tolist():
+            cut = next((i for i, t in enumerate(row) if t in self.eot), len(row))
+            samples.append(self.tok.decode(row[:cut], skip_special_tokens=True).strip())
+        return samples
+
+    def mine_one(self, row: PromptRow, stats: MineStats | None = None) -> tuple[dict, str | None]:
+        """(output row, None) for a mined pair, or (skip row, reason)."""
+        stats = stats if stats is not None else MineStats()
+        samples = self.sample(row.messages, row.line)
+        distinct = list(dict.fromkeys(s for s in samples if s))
+        stats.samples += len(samples)
+        stats.distinct += len(distinct)
+        base = {"line": row.line, "id": row.id}
+        if len(distinct) < 2:
+            stats.skipped_few_distinct += 1
+            return base | {"reason": "fewer than 2 distinct samples", "samples": distinct}, "few"
+        try:
+            results = self.scorer.compare(row.messages, distinct)
+        except InputError as exc:
+            stats.skipped_error += 1
+            return base | {"reason": f"cannot score: {exc}", "samples": distinct}, "error"
+        scores = [float(r.reward) for r in results]
+        best = max(range(len(scores)), key=scores.__getitem__)
+        worst = min(range(len(scores)), key=scores.__getitem__)
+        margin = scores[best] - scores[worst]
+        if margin < self.config.min_margin or not margin > 0:
+            stats.skipped_margin += 1
+            reason = f"margin {margin:.4g} below min-margin {self.config.min_margin:g}"
+            if not margin > 0:
+                reason = "all rewards equal: no preference"
+            return base | {"reason": reason, "samples": distinct, "scores": scores}, "margin"
+        stats.mined += 1
+        return {
+            "prompt": row.messages,
+            "chosen": [{"role": "assistant", "content": distinct[best]}],
+            "rejected": [{"role": "assistant", "content": distinct[worst]}],
+            "scores": scores,
+            "samples": distinct,
+            "margin": margin,
+            **base,
+        }, None
+
+
+def mine(
+    miner: Miner,
+    prompts: list[PromptRow],
+    out_path: str,
+    settings: dict,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+) -> MineStats:
+    """Mine every prompt not yet in ``out_path`` (or its ``.skipped.jsonl`` sidecar); rows are
+    streamed to disk as they are made. ``settings`` are checked against a previous run's."""
+    from tqdm import tqdm
+
+    stats = MineStats(prompts=len(prompts))
+    skipped_path = out_path + ".skipped.jsonl"
+    with (
+        ResumableWriter(out_path, settings, resume=resume) as out,
+        ResumableWriter(skipped_path, settings, resume=resume) as skipped,
+    ):
+        done = out.done | skipped.done
+        todo = [p for p in prompts if p.line not in done]
+        stats.done_before = len(prompts) - len(todo)
+        if stats.done_before:
+            log.info("resuming: %d of %d prompts already done", stats.done_before, len(prompts))
+        t0 = time.time()
+        bar = tqdm(
+            total=len(prompts), initial=stats.done_before, unit="prompt", desc="flr mine",
+            disable=not progress,
+        )  # fmt: skip
+        for p in todo:
+            result, reason = miner.mine_one(p, stats)
+            (out if reason is None else skipped).write([result])
+            bar.update(1)
+            bar.set_postfix(pairs=stats.mined, skipped=stats.processed - stats.mined)
+        bar.close()
+        stats.seconds = time.time() - t0
+    return stats

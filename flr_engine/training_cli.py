@@ -1,0 +1,262 @@
+"""``flr mine`` and ``flr dpo``: preference mining with FLR, then DPO on the mined pairs.
+
+Wire them into the main parser with ``add_mine_parser(subparsers)`` and
+``add_dpo_parser(subparsers)``; ``main(argv)`` runs them standalone
+(``python -m flr_engine.training_cli mine ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import time
+
+from flr_engine.chat import InputError
+from flr_engine.io import RowError
+
+log = logging.getLogger("flr_engine")
+
+MINE_EXAMPLES = """examples:
+  flr mine --policy default --prompts ../shared/data/pairwise/hh-rlhf-helpful-base.jsonl.gz \\
+      --out pairs.jsonl --limit 500
+  flr mine --policy ./sft-model --model ./judge --prompts prompts.jsonl --out pairs.jsonl \\
+      --num-samples 8 --temperature 0.7 --top-p 0.9 --min-margin 0.05
+
+prompt rows (JSONL, .gz ok): {"prompt": "..." | [messages]}, {"messages": [...]} (trailing
+assistant turns dropped) or {"context": [...]} (the pairwise files of ../shared/data).
+Output rows (TRL preference format): {"prompt": [messages], "chosen": [{"role": "assistant",
+"content": ...}], "rejected": [...], "scores": [...], "samples": [...], "margin": x, "line": n}.
+Skipped prompts (< 2 distinct samples, margin below --min-margin, unscorable) go to
+OUT.skipped.jsonl. A rerun with the same --out resumes (samples are seeded per prompt, so
+they are the same as in an uninterrupted run); other settings are refused."""
+
+DPO_EXAMPLES = """examples:
+  flr dpo --policy default --pairs pairs.jsonl --out runs/dpo
+  flr dpo --policy default --pairs pairs.jsonl --out runs/dpo-lora --lora-r 16 --lr 1e-4
+  flr dpo --policy default --pairs pairs.jsonl --out runs/dpo --resume   # after an interruption
+  flr score --model runs/dpo ...      # the result is a plain transformers folder
+
+pair rows: as written by `flr mine` (TRL format), or {"context", "chosen", "rejected"}
+(../shared/data pairwise), TRL implicit-prompt rows, HH transcripts. Ties and pairs whose
+chosen equals rejected are skipped and counted. Output in --out: metrics.jsonl,
+metrics.png, checkpoint-N/ (resumable), and the final model + tokenizer."""
+
+
+def _add_config_args(p: argparse.ArgumentParser, cls) -> None:
+    """One --flag per dataclass field (help, choices and type from its metadata)."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        md = f.metadata
+        typ = md.get("type") or type(f.default)
+        if typ is bool:
+            p.add_argument(flag, action="store_true", help=md.get("help"))
+            continue
+        default = f.default
+        help_ = md.get("help", "") + (f" (default: {default})" if default is not None else "")
+        p.add_argument(flag, type=typ, default=default, choices=md.get("choices"), help=help_)
+
+
+def _config_from_args(args, cls):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _read_template(path: str | None) -> str | None:
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--chat-template", default=None,
+        help="file with a Jinja chat template, for a policy (or follow-up model) without one",
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# flr mine
+# --------------------------------------------------------------------------------------
+
+
+def add_mine_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``mine`` on an ``argparse`` subparsers object; returns its parser."""
+    from flr_engine.cli import _add_reward_args
+    from flr_engine.mining import MineConfig
+
+    p = subparsers.add_parser(
+        "mine",
+        help="sample replies from a policy and keep FLR's best vs worst as preference pairs",
+        epilog=MINE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--policy", required=True, help="'default', a model folder, hub id or .gguf")
+    p.add_argument("--prompts", required=True, help="JSONL(.gz) prompts (see below)")
+    p.add_argument("--out", required=True, help="JSONL pairs (resumable)")
+    p.add_argument(
+        "--model", default=None,
+        help="the follow-up (reward) model: 'default', folder, hub id, .gguf (default: the policy)",
+    )  # fmt: skip
+    _add_config_args(p, MineConfig)
+    _add_load_args(p)
+    _add_reward_args(p)
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts only")
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    p.set_defaults(func=cmd_mine)
+    return p
+
+
+def cmd_mine(args) -> int:
+    from flr_engine.mining import MineConfig, Miner, mine, read_prompts, require_chat_template
+    from flr_engine.models import load
+    from flr_engine.scorer import FLRScorer
+    from flr_engine.templates import load_templates
+
+    config = _config_from_args(args, MineConfig)
+    load_templates(args.templates)  # fail fast, before loading a model
+    prompts = read_prompts(args.prompts, args.limit)
+    template = _read_template(args.chat_template)
+    settings = {
+        "prompts": args.prompts,
+        "policy": args.policy,
+        "model": args.model or args.policy,
+        **dataclasses.asdict(config),
+        "templates": args.templates,
+        "mode": args.mode,
+        "reduction": args.reduction,
+        "score_eot": args.score_eot,
+        "dimensions": args.dimensions,
+        "dtype": args.dtype,
+        "chat_template": hashlib.sha256(template.encode()).hexdigest()[:16] if template else None,
+    }
+    t0 = time.time()
+    policy = load(args.policy, dtype=args.dtype, device=args.device, chat_template=template)
+    require_chat_template(policy.tokenizer, f"the policy {args.policy!r}")
+    if args.model is None or args.model == args.policy:
+        judge = policy
+    else:
+        judge = load(args.model, dtype=args.dtype, device=args.device)
+        if not getattr(judge.tokenizer, "chat_template", None) and template:
+            judge.tokenizer.chat_template = template
+        require_chat_template(judge.tokenizer, f"the follow-up model {args.model!r}")
+    scorer = FLRScorer(
+        judge.model, judge.tokenizer, templates=args.templates, engine=args.engine,
+        mode=args.mode, reduction=args.reduction, score_eot=args.score_eot,
+        dimensions=args.dimensions.split(",") if args.dimensions else None,
+    )  # fmt: skip
+    log.info("models loaded in %.1fs; scoring with the %s backend", time.time() - t0,
+             scorer.engine_name)  # fmt: skip
+    miner = Miner(policy.model, policy.tokenizer, scorer, config)
+    stats = mine(miner, prompts, args.out, settings, resume=not args.overwrite,
+                 progress=not args.quiet)  # fmt: skip
+    log.info("flr mine: %s", stats.summary())
+    if args.quiet:
+        print(f"flr mine: {stats.summary()}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# flr dpo
+# --------------------------------------------------------------------------------------
+
+
+def add_dpo_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``dpo`` on an ``argparse`` subparsers object; returns its parser."""
+    from flr_engine.dpo import DPOConfig
+
+    p = subparsers.add_parser(
+        "dpo",
+        help="DPO (or IPO) fine-tuning on preference pairs, e.g. from `flr mine`",
+        epilog=DPO_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--policy", required=True, help="'default', a model folder, hub id or .gguf")
+    p.add_argument("--pairs", required=True, help="JSONL(.gz) preference pairs")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, metrics, model)")
+    _add_config_args(p, DPOConfig)
+    _add_load_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="discard a previous run in --out")
+    p.set_defaults(func=cmd_dpo)
+    return p
+
+
+def cmd_dpo(args) -> int:
+    from flr_engine.dpo import DPOConfig, encode_pairs, load_pairs, train_dpo
+    from flr_engine.mining import require_chat_template
+    from flr_engine.models import load
+
+    cfg = _config_from_args(args, DPOConfig)
+    items, ties, rows = load_pairs(args.pairs)  # validate the data before loading a model
+    if ties:
+        log.info("%s: skipped %d tie / identical pairs of %d rows", args.pairs, ties, rows)
+    template = _read_template(args.chat_template)
+    t0 = time.time()
+    lm = load(args.policy, dtype=args.dtype, device=args.device, chat_template=template)
+    require_chat_template(lm.tokenizer, f"the policy {args.policy!r}")
+    max_len = cfg.max_length or getattr(lm.model.config, "max_position_embeddings", None)
+    pairs = encode_pairs(lm.tokenizer, items, max_len, path=args.pairs)
+    log.info("policy loaded and %d pairs encoded in %.1fs", len(pairs), time.time() - t0)
+    settings = {
+        "policy": args.policy,
+        "pairs": args.pairs,
+        "dtype": args.dtype,
+        "chat_template": hashlib.sha256(template.encode()).hexdigest()[:16] if template else None,
+    }
+    res = train_dpo(
+        lm.model, lm.tokenizer, pairs, args.out, cfg, resume=args.resume,
+        overwrite=args.overwrite, settings=settings, skipped_ties=ties, progress=not args.quiet,
+    )  # fmt: skip
+    summary = (
+        f"{res.steps - res.start_step} steps ({res.start_step} done before) on {res.pairs} pairs "
+        f"({res.skipped_ties} ties skipped, {res.truncated} truncated) in {res.seconds:.1f}s; "
+        f"last step: {json.dumps(res.last)}; model saved in {res.out_dir}"
+    )
+    log.info("flr dpo: %s", summary)
+    if args.quiet:
+        print(f"flr dpo: {summary}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# standalone entry point
+# --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flr", description="FLR preference mining and DPO")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_mine_parser(sub)
+    add_dpo_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flr_engine.models import ModelLoadError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except (RowError, InputError, FileNotFoundError, ValueError, ModelLoadError) as exc:
+        print(f"flr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flr {args.command}: interrupted; finished work is kept (rerun to resume)",
+              file=sys.stderr)  # fmt: skip
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
