@@ -43,34 +43,28 @@ def test_w1(benchmark):
     _record(benchmark, rows)
 
 
-@pytest.mark.parametrize("n_followups", [10, 30, 60, 117])
-def test_sweep_followups(benchmark, n_followups):
-    """Engine vs plain transformers as the follow-ups per reply grow (2 conversations)."""
+def _sweep(benchmark, **kw):
+    """Plain transformers vs engine on one sweep point, agreement checked first."""
     rows = benchmark.pedantic(
-        lambda: bench.run_all(("hf-prefix-cache", "engine"), data=DATA, n_conv=1 if QUICK else 2, n_followups=n_followups),
-        rounds=1, iterations=1,
+        lambda: bench.run_all(("hf-prefix-cache", "engine"), data=DATA, **kw), rounds=1, iterations=1
     )
     bench.check_agreement(rows)
     _record(benchmark, rows)
+
+
+@pytest.mark.parametrize("n_followups", [10, 30, 60, 117])
+def test_sweep_followups(benchmark, n_followups):
+    """Follow-ups per reply grow (2 conversations x 2 replies)."""
+    _sweep(benchmark, n_conv=1 if QUICK else 2, n_followups=n_followups)
 
 
 @pytest.mark.parametrize("n_replies", [1, 4, 16])
 def test_sweep_replies(benchmark, n_replies):
     """Replies per conversation: the conversation is shared by all of them in the tree."""
-    rows = benchmark.pedantic(
-        lambda: bench.run_all(("hf-prefix-cache", "engine"), data=DATA, n_conv=1, n_replies=n_replies, n_followups=10 if QUICK else 30),
-        rounds=1, iterations=1,
-    )
-    bench.check_agreement(rows)
-    _record(benchmark, rows)
+    _sweep(benchmark, n_conv=1, n_replies=n_replies, n_followups=10 if QUICK else 30)
 
 
 @pytest.mark.parametrize("context_tokens", [128, 512, 2048])
 def test_sweep_context(benchmark, context_tokens):
     """Context length: longer shared prefixes favour the tree more."""
-    rows = benchmark.pedantic(
-        lambda: bench.run_all(("hf-prefix-cache", "engine"), data=DATA, n_conv=1, context_tokens=context_tokens, n_followups=10 if QUICK else 30),
-        rounds=1, iterations=1,
-    )
-    bench.check_agreement(rows)
-    _record(benchmark, rows)
+    _sweep(benchmark, n_conv=1, context_tokens=context_tokens, n_followups=10 if QUICK else 30)
