@@ -22,8 +22,8 @@ How log-probs are computed (``forward``):
 
 * ``"packed"`` (default): the sequences of a micro-batch (chosen and rejected of B pairs) go
   into one token trie (:mod:`flr_engine.engine.packer`): the prompt tokens they share are
-  computed once; tree attention (the block-sparse torch path, differentiable; the dense
-  path for models with attention soft-capping, Gemma 2) gives the final hidden states
+  computed once; tree attention (the block-sparse torch path, differentiable, soft-capping
+  included) gives the final hidden states
   ``h`` (T, H); only the positions that predict completion tokens go through
   :func:`~flr_engine.ops.fused_logprob.flr_gathered_logprob` (M, H) -> (M,) with a backward to
   ``h`` and the LM head: the (tokens, vocab) logits are never built.
@@ -353,14 +353,7 @@ def completion_logprobs(
         rows = torch.cat([res.nodes_of(i)[st - 1 : len(s) - 1] for i, (s, st) in
                           enumerate(zip(seqs, starts))])  # (M,) packed index  # fmt: skip
         if attn_impl == "auto" and torch.is_grad_enabled():
-            # the differentiable tree-attention paths: block-sparse torch; its soft-capped
-            # variant works in place (no autograd), so soft-capped models use "dense"
-            text_cfg = (
-                base.config.get_text_config()
-                if hasattr(base.config, "get_text_config")
-                else base.config
-            )
-            attn_impl = "dense" if getattr(text_cfg, "attn_logit_softcapping", None) else "torch"
+            attn_impl = "torch"  # the differentiable tree-attention path (Triton: forward only)
         ctx = TreeContext(pack.subtree_end.to(dev), pack.position_ids.to(dev), impl=attn_impl)
         with tree_attention_mode(base):
             hidden = base.get_decoder()(

@@ -498,12 +498,16 @@ def _tree_attention_torch(
             outL.index_copy_(0, ch.qbs, o)
             continue
         s = torch.matmul(Qc.view(C, Hkv, G * bm, D).transpose(0, 1), Kc.transpose(-1, -2))
+        # out of place: autograd (DPO through the tree) needs tanh's output intact
         if softcap is not None:  # s: (Hkv, C, G * bm, L * bn)
-            s.mul_(scale / softcap).tanh_().mul_(softcap)
+            s = torch.tanh(s * (scale / softcap)) * softcap
         else:
-            s.mul_(scale)
+            s = s * scale
         if mask is not None:
-            s.view(Hkv, C, G, bm, L * bn).masked_fill_(~mask[None, :, None], float("-inf"))
+            # finite fill: padding rows (all masked) stay finite, so their zero gradient
+            # does not turn into NaN in the softmax backward
+            s = s.view(Hkv, C, G, bm, L * bn).masked_fill(~mask[None, :, None], torch.finfo(s.dtype).min)
+            s = s.view(Hkv, C, G * bm, L * bn)
         if want_lse:
             lse_c = torch.logsumexp(s, -1)  # (Hkv, C, G * bm)
             lseL.index_copy_(0, ch.qbs, lse_c.transpose(0, 1).reshape(C, Hq, bm))
