@@ -7,7 +7,7 @@ backend pass over both replies of a pair (the engine packs their shared conversa
 * ``direct``: the model's own mean log-probability of the reply's tokens given the context,
   ``(1/|R|) sum_{t in R} log p(t | C, R_<t)`` (the paper's "Direct" baseline);
 * ``length``: the reply's length in characters;
-* ``random``: a uniform random score, from ``numpy.random.default_rng([seed, line, j])``
+* ``random``: a uniform random score, from ``numpy.random.default_rng([seed, crc32(set), line, j])``
   (``j`` = 0 chosen / response, 1 rejected), stable across resumes and limits;
 * ``rm`` (with ``--reward-model``): a sequence-classification reward model's score.
 
@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -238,9 +239,11 @@ class RewardModelScorer:
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(path)
         self.tok.truncation_side = "left"
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=getattr(torch, dtype)
-        ).to(device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
+            .to(device)
+            .eval()
+        )
         limit = getattr(self.model.config, "max_position_embeddings", None) or 4096
         self.max_length = min(limit, self.tok.model_max_length or limit)
 
@@ -253,7 +256,9 @@ class RewardModelScorer:
 
     def score(self, context: list[dict], reply: str) -> float:
         enc = self.tok(
-            self.text(context, reply), truncation=True, max_length=self.max_length,
+            self.text(context, reply),
+            truncation=True,
+            max_length=self.max_length,
             return_tensors="pt",
         ).to(self.model.device)
         with self.torch.no_grad():
@@ -297,8 +302,9 @@ def _read_rows(path: str) -> dict[int, dict]:
     return rows
 
 
-def _random(seed: int, line: int, j: int) -> float:
-    return float(np.random.default_rng([seed, line, j]).random())
+def _random(seed: int, set_name: str, line: int, j: int) -> float:
+    """Uniform score, reproducible per (seed, set, row, side); independent across sets."""
+    return float(np.random.default_rng([seed, zlib.crc32(set_name.encode()), line, j]).random())
 
 
 def load_scores(es: EvalSet, items: list, paths: dict, dims: list[str], seed: int) -> SetScores:
@@ -318,7 +324,7 @@ def load_scores(es: EvalSet, items: list, paths: dict, dims: list[str], seed: in
                 [math.nan if x["direct"] is None else x["direct"] for x in recs], dtype=float
             ),
             "length": np.array([x["length"] for x in recs], dtype=float),
-            "random": np.array([_random(seed, r["line"], j) for r in good], dtype=float),
+            "random": np.array([_random(seed, es.name, r["line"], j) for r in good], dtype=float),
         }
         if rm is not None:
             vals["rm"] = np.array(
@@ -448,10 +454,16 @@ def evaluate_set(
         with _writer(paths["rows"], row_settings, resume=not cfg.overwrite) as w:
             todo = [it for it in items if it.line not in w.done]
             if todo and len(todo) < len(items):
-                log.info("set %s: resuming, %d of %d done", es.name, len(items) - len(todo),
-                         len(items))
-            bar = tqdm(total=len(items), initial=len(items) - len(todo), unit=unit,
-                       desc=f"eval {es.name}", disable=cfg.quiet)
+                log.info(
+                    "set %s: resuming, %d of %d done", es.name, len(items) - len(todo), len(items)
+                )
+            bar = tqdm(
+                total=len(items),
+                initial=len(items) - len(todo),
+                unit=unit,
+                desc=f"eval {es.name}",
+                disable=cfg.quiet,
+            )
             for i in range(0, len(todo), cfg.batch_size):
                 batch = todo[i : i + cfg.batch_size]
                 w.write(score_batch(get_scorer(), batch, es, cfg.on_error))
@@ -552,7 +564,9 @@ def run_eval(
                 f"--calibrate-on {cfg.calibrate_on!r}: no such set; sets are {sorted(names)}"
             )
         if names[cfg.calibrate_on].kind != "pairwise":
-            raise ValueError(f"--calibrate-on {cfg.calibrate_on!r}: calibration needs a pairwise set")
+            raise ValueError(
+                f"--calibrate-on {cfg.calibrate_on!r}: calibration needs a pairwise set"
+            )
     os.makedirs(cfg.out, exist_ok=True)
     t0 = time.time()
     get_scorer = _Lazy(scorer_factory)
@@ -612,7 +626,9 @@ def _fmt(m: dict | None, pct: bool) -> str:
 
 
 def _columns(res: dict) -> list[str]:
-    cols = [m for m in (*METHODS, "rm") if any(m in r.get("methods", {}) for r in res["sets"].values())]
+    cols = [
+        m for m in (*METHODS, "rm") if any(m in r.get("methods", {}) for r in res["sets"].values())
+    ]
     if "transfer" in (res.get("calibration") or {}):
         cols.append("flr-cal")
     return cols
@@ -645,13 +661,16 @@ def markdown_report(res: dict) -> str:
         for name, r in pw.items():
             if r.get("note"):
                 lines.append(
-                    f"| {name} | 0 | {r['ties']} | {r['bad']} | {r['note']} |" + " |" * (len(cols) - 1)
+                    f"| {name} | 0 | {r['ties']} | {r['bad']} | {r['note']} |"
+                    + " |" * (len(cols) - 1)
                 )
                 continue
             cells = []
             for c in cols:
                 m = method_metric(name, r, c, "accuracy")
-                cells.append("(fit set)" if c == "flr-cal" and name == cal.get("fit_on") else _fmt(m, True))
+                cells.append(
+                    "(fit set)" if c == "flr-cal" and name == cal.get("fit_on") else _fmt(m, True)
+                )
                 if m and _num(m.get("value")) is not None:
                     means[c].append(m["value"])
             lines.append(
@@ -675,7 +694,8 @@ def markdown_report(res: dict) -> str:
                 continue
             for corr in CORRS:
                 cells = [
-                    "(fit set)" if c == "flr-cal" and name == cal.get("fit_on")
+                    "(fit set)"
+                    if c == "flr-cal" and name == cal.get("fit_on")
                     else _fmt(method_metric(name, r, c, corr), False)
                     for c in cols
                 ]
@@ -737,8 +757,12 @@ def plot(res: dict, path: str) -> None:
         sub = {k: r for k, r in sets.items() if r["kind"] == kind}
         if sub:
             panels.append(("dimensions", kind, sub))
-    fig = Figure(figsize=(max(7, 1.6 * max([len(p[2]) for p in panels] or [1]) + 3),
-                          3.6 * max(len(panels), 1)))
+    fig = Figure(
+        figsize=(
+            max(7, 1.6 * max([len(p[2]) for p in panels] or [1]) + 3),
+            3.6 * max(len(panels), 1),
+        )
+    )
     if not panels:
         ax = fig.add_subplot(1, 1, 1)
         ax.text(0.5, 0.5, "no results (no non-tie pairs / scorable rows)", ha="center")
@@ -763,11 +787,17 @@ def plot(res: dict, path: str) -> None:
                     m = sub[n]["methods"].get(s, {}).get(metric)
                 v = _num(m["value"]) if m else None
                 vals.append(np.nan if v is None else v)
-                a, b = (m["ci"] if m and v is not None else (None, None))
+                a, b = m["ci"] if m and v is not None else (None, None)
                 lo.append(0 if _num(a) is None else v - a)
                 hi.append(0 if _num(b) is None else b - v)
-            ax.bar(x + (j - (len(series) - 1) / 2) * width, vals, width,
-                   yerr=[lo, hi], capsize=2, label=LABELS.get(s, s))
+            ax.bar(
+                x + (j - (len(series) - 1) / 2) * width,
+                vals,
+                width,
+                yerr=[lo, hi],
+                capsize=2,
+                label=LABELS.get(s, s),
+            )
         ax.axhline(0.5 if kind == "pairwise" else 0.0, color="gray", lw=0.8, ls="--")
         ax.set_ylim(0.0 if kind == "pairwise" else -1.0, 1.25)
         ax.set_xticks(x, names, fontsize=8)
