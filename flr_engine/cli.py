@@ -65,6 +65,12 @@ def _add_reward_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "engine", "reference", "hf-prefix-cache"])
 
 
+def scoring_settings(args) -> dict:
+    """The options that change scores: a resumed job must have the same ones."""
+    keys = ("model", "templates", "mode", "reduction", "score_eot", "dimensions", "dtype", "chat_template")
+    return {k: getattr(args, k) for k in keys}
+
+
 def _scorer_from_args(args):
     from flr_engine.scorer import FLRScorer
 
@@ -100,16 +106,7 @@ def cmd_score(args) -> int:
             if args.on_error == "fail":
                 raise
             log.warning("skipping %s", exc)
-    settings = {
-        "input": args.input,
-        "model": args.model,
-        "templates": args.templates,
-        "mode": args.mode,
-        "reduction": args.reduction,
-        "score_eot": args.score_eot,
-        "dimensions": args.dimensions,
-        "dtype": args.dtype,
-    }
+    settings = {"input": args.input, **scoring_settings(args)}
     t0 = time.time()
     scorer = _scorer_from_args(args)
     log.info(

@@ -15,9 +15,6 @@ import logging
 import sys
 import time
 
-from flr_engine.chat import InputError
-from flr_engine.io import RowError
-
 log = logging.getLogger("flr_engine")
 
 MINE_EXAMPLES = """examples:
@@ -229,33 +226,11 @@ def cmd_dpo(args) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flr", description="FLR preference mining and DPO")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_mine_parser(sub)
-    add_dpo_parser(sub)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    from flr_engine.models import ModelLoadError
+    """``flr mine`` / ``flr dpo`` on their own: the main ``flr`` entry point."""
+    from flr_engine.cli import main as flr_main
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    try:
-        return args.func(args)
-    except (RowError, InputError, FileNotFoundError, ValueError, ModelLoadError) as exc:
-        print(f"flr {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"flr {args.command}: interrupted; finished work is kept (rerun to resume)",
-              file=sys.stderr)  # fmt: skip
-        return 130
+    return flr_main(argv)
 
 
 if __name__ == "__main__":

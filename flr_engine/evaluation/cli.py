@@ -83,6 +83,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_eval(args) -> int:
+    from flr_engine.cli import scoring_settings
     from flr_engine.evaluation.data import load_sets
     from flr_engine.evaluation.run import EvalConfig, RewardModelScorer, run_eval
     from flr_engine.io import RowError
@@ -105,16 +106,7 @@ def cmd_eval(args) -> int:
                  es.rows, len(es.items), es.ties, es.bad)
     cfg = EvalConfig(
         out=args.out,
-        scoring={
-            "model": args.model,
-            "templates": args.templates,
-            "mode": args.mode,
-            "reduction": args.reduction,
-            "score_eot": args.score_eot,
-            "dimensions": args.dimensions,
-            "dtype": args.dtype,
-            "chat_template": args.chat_template,
-        },
+        scoring=scoring_settings(args),
         limit=args.limit,
         batch_size=args.batch_size,
         seed=args.seed,
