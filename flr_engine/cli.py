@@ -248,10 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
 
-    from flr_engine.training_cli import add_dpo_parser, add_mine_parser
+    from flr_engine.training_cli import add_dpo_parser, add_generate_parser, add_mine_parser
 
     add_mine_parser(sub)
     add_dpo_parser(sub)
+    add_generate_parser(sub)
+
+    from flr_engine.evaluation.compare import add_compare_parser
+
+    add_compare_parser(sub)
 
     p = sub.add_parser("env", help="versions and which backends are built and usable")
     p.set_defaults(func=cmd_env)

@@ -13,9 +13,9 @@ distinct non-empty samples, when ``margin < min_margin`` or the margin is 0 (all
 equal: no preference), or when FLR cannot score it (e.g. too long for the follow-up model).
 
 Sampling is reproducible per prompt: the samples of the prompt on input line ``n`` depend on
-``(seed, n)`` only (the RNG is seeded from them right before its ``generate`` call, inside a
-forked RNG state), so a resumed run regenerates exactly what an uninterrupted run would.
-One ``generate`` call per prompt, its K samples as the batch (``num_return_sequences``).
+``(seed, n)`` only, so a resumed run regenerates exactly what an uninterrupted run would.
+``batch_prompts`` prompts (K rows each) share one ``generate`` call; each row draws with its own
+seeded generator (:mod:`flr_engine.sampling`), so the batch does not change what is drawn.
 
 Output rows are in TRL's conversational preference format, plus what was mined from::
 
@@ -34,8 +34,6 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-
-import torch
 
 from flr_engine.chat import InputError, normalize_conversation
 from flr_engine.io import ResumableWriter, RowError, read_jsonl
@@ -60,6 +58,10 @@ class MineConfig:
     seed: int = field(
         default=0, metadata={"help": "sampling seed; each prompt uses hash(seed, line)"}
     )
+    batch_prompts: int = field(
+        default=4,
+        metadata={"help": "prompts sampled together in one generate call (K rows each)"},
+    )
 
     def __post_init__(self):
         if self.num_samples < 2:
@@ -70,6 +72,8 @@ class MineConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_prompts < 1:
+            raise ValueError(f"batch_prompts must be >= 1, got {self.batch_prompts}")
         if not math.isfinite(self.min_margin):
             raise ValueError(f"min_margin must be finite, got {self.min_margin}")
 
@@ -138,16 +142,18 @@ def parse_prompt_row(path: str, line: int, obj: dict) -> PromptRow:
     return PromptRow(line, obj.get("id", line), msgs)
 
 
-def read_prompts(path: str, limit: int | None = None) -> list[PromptRow]:
+def read_prompts(path: str, limit: int | None = None, skip: int = 0) -> list[PromptRow]:
     """All prompt rows of a JSONL(.gz) file (validated up front; a bad row raises RowError
-    ``path:line: field``). ``limit``: the first N rows only."""
+    ``path:line: field``). ``skip``: leave out the first N rows; ``limit``: then keep N rows
+    (``skip=200, limit=50`` gives a held-out slice disjoint from ``limit=200``)."""
     out = []
-    for line, obj in read_jsonl(path):
+    for n, (line, obj) in enumerate(read_jsonl(path)):
         if limit is not None and len(out) >= limit:
             break
-        out.append(parse_prompt_row(path, line, obj))
+        if n >= skip:
+            out.append(parse_prompt_row(path, line, obj))
     if not out:
-        raise ValueError(f"{path}: no prompts")
+        raise ValueError(f"{path}: no prompts" + (f" after skipping {skip}" if skip else ""))
     return out
 
 
@@ -225,57 +231,51 @@ class Miner:
     """Samples from ``policy`` and ranks the samples with ``scorer`` (an FLRScorer)."""
 
     def __init__(self, policy, tokenizer, scorer, config: MineConfig):
-        from transformers import GenerationConfig
-
         require_chat_template(tokenizer)
         self.policy, self.tok, self.scorer, self.config = policy, tokenizer, scorer, config
         self.eot = end_of_turn_ids(tokenizer)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot[0]
-        self.gen_config = GenerationConfig(
-            do_sample=True,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            top_k=0,  # no top-k cut (the library default is 50): top-p only, as in the paper
-            max_new_tokens=config.max_new_tokens,
-            num_return_sequences=config.num_samples,
-            eos_token_id=self.eot,
-            pad_token_id=pad,
-        )
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot[0]
         self.max_positions = getattr(policy.config, "max_position_embeddings", None)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.policy.parameters()).device
-
-    def sample(self, messages: list[dict], line: int) -> list[str]:
-        """K samples for one prompt (decoded, stripped; empty ones and exact duplicates
-        dropped, first occurrence order). Deterministic in ``(config.seed, line)``."""
-        text = generation_prompt(self.tok, messages)
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+    def _prompt_ids(self, messages: list[dict], line: int) -> list[int]:
+        ids = self.tok(generation_prompt(self.tok, messages), add_special_tokens=False)["input_ids"]
         if self.max_positions and len(ids) + self.config.max_new_tokens > self.max_positions:
             keep = max(self.max_positions - self.config.max_new_tokens, 1)
             log.warning("line %d: prompt of %d tokens cut to its last %d", line, len(ids), keep)
             ids = ids[-keep:]
-        dev = self.device
-        input_ids = torch.tensor([ids], device=dev)
-        devices = [dev.index or 0] if dev.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(prompt_seed(self.config.seed, line))
-            out = self.policy.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                generation_config=self.gen_config,
-            )  # (K, P + new)
-        samples = []
-        for row in out[:, len(ids) :].tolist():
-            cut = next((i for i, t in enumerate(row) if t in self.eot), len(row))
-            samples.append(self.tok.decode(row[:cut], skip_special_tokens=True).strip())
-        return samples
+        return ids
 
-    def mine_one(self, row: PromptRow, stats: MineStats | None = None) -> tuple[dict, str | None]:
-        """(output row, None) for a mined pair, or (skip row, reason)."""
+    def sample_many(self, rows: list[PromptRow]) -> list[list[str]]:
+        """K samples for each prompt of ``rows``, all in one batched ``generate`` call (decoded,
+        stripped). Prompt ``row``'s samples depend on ``(config.seed, row.line)`` only, not on
+        the other rows (see :mod:`flr_engine.sampling`)."""
+        from flr_engine.sampling import generate
+
+        c = self.config
+        out = generate(
+            self.policy,
+            [self._prompt_ids(r.messages, r.line) for r in rows],
+            max_new_tokens=c.max_new_tokens, stop_ids=self.eot, pad_id=self.pad,
+            num_samples=c.num_samples, temperature=c.temperature, top_p=c.top_p,
+            seeds=[prompt_seed(c.seed, r.line) for r in rows],
+        )  # fmt: skip
+        return [
+            [self.tok.decode(s, skip_special_tokens=True).strip() for s in samples]
+            for samples in out
+        ]
+
+    def sample(self, messages: list[dict], line: int) -> list[str]:
+        """K samples for one prompt (see :meth:`sample_many`)."""
+        return self.sample_many([PromptRow(line, line, messages)])[0]
+
+    def mine_one(
+        self, row: PromptRow, stats: MineStats | None = None, samples: list[str] | None = None
+    ) -> tuple[dict, str | None]:
+        """(output row, None) for a mined pair, or (skip row, reason). ``samples``: already
+        drawn ones (from :meth:`sample_many`), else drawn here."""
         stats = stats if stats is not None else MineStats()
-        samples = self.sample(row.messages, row.line)
+        if samples is None:
+            samples = self.sample(row.messages, row.line)
         distinct = list(dict.fromkeys(s for s in samples if s))
         stats.samples += len(samples)
         stats.distinct += len(distinct)
@@ -339,11 +339,21 @@ def mine(
             total=len(prompts), initial=stats.done_before, unit="prompt", desc="flr mine",
             disable=not progress,
         )  # fmt: skip
-        for p in todo:
-            result, reason = miner.mine_one(p, stats)
-            (out if reason is None else skipped).write([result])
-            bar.update(1)
-            bar.set_postfix(pairs=stats.mined, skipped=stats.processed - stats.mined)
+        size = miner.config.batch_prompts
+        for start in range(0, len(prompts), size):
+            # chunks are fixed by input position, so a resumed run samples each prompt in the
+            # same batch as an uninterrupted one; finished prompts of a chunk are not rewritten
+            chunk = prompts[start : start + size]
+            if all(p.line in done for p in chunk):
+                continue
+            samples = miner.sample_many(chunk)
+            for p, drawn in zip(chunk, samples):
+                if p.line in done:
+                    continue
+                result, reason = miner.mine_one(p, stats, drawn)
+                (out if reason is None else skipped).write([result])
+                bar.update(1)
+                bar.set_postfix(pairs=stats.mined, skipped=stats.processed - stats.mined)
         bar.close()
         stats.seconds = time.time() - t0
     return stats

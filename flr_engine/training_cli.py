@@ -1,8 +1,9 @@
-"""``flr mine`` and ``flr dpo``: preference mining with FLR, then DPO on the mined pairs.
+"""``flr mine``, ``flr dpo`` and ``flr generate``: preference mining with FLR, DPO on the mined
+pairs, and a policy's replies to held-out prompts (to score and compare before/after).
 
-Wire them into the main parser with ``add_mine_parser(subparsers)`` and
-``add_dpo_parser(subparsers)``; ``main(argv)`` runs them standalone
-(``python -m flr_engine.training_cli mine ...``).
+Wire them into the main parser with ``add_mine_parser(subparsers)``,
+``add_dpo_parser(subparsers)`` and ``add_generate_parser(subparsers)``; ``main(argv)`` runs
+them standalone (``python -m flr_engine.training_cli mine ...``).
 """
 
 from __future__ import annotations
@@ -103,7 +104,9 @@ def add_mine_parser(subparsers) -> argparse.ArgumentParser:
     _add_config_args(p, MineConfig)
     _add_load_args(p)
     _add_reward_args(p)
-    p.add_argument("--limit", type=int, default=None, help="use the first N prompts only")
+    p.add_argument("--skip", type=int, default=0,
+                   help="leave out the first N prompts (shards: --skip 100 --limit 100)")  # fmt: skip
+    p.add_argument("--limit", type=int, default=None, help="then use N prompts only")
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     p.set_defaults(func=cmd_mine)
     return p
@@ -117,7 +120,7 @@ def cmd_mine(args) -> int:
 
     config = _config_from_args(args, MineConfig)
     load_templates(args.templates)  # fail fast, before loading a model
-    prompts = read_prompts(args.prompts, args.limit)
+    prompts = read_prompts(args.prompts, args.limit, args.skip)
     template = _read_template(args.chat_template)
     settings = {
         "prompts": args.prompts,
@@ -155,6 +158,113 @@ def cmd_mine(args) -> int:
     log.info("flr mine: %s", stats.summary())
     if args.quiet:
         print(f"flr mine: {stats.summary()}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# flr generate
+# --------------------------------------------------------------------------------------
+
+GENERATE_EXAMPLES = """examples:
+  # greedy replies of a policy to 50 held-out prompts (those after the first 200)
+  flr generate --policy runs/dpo --prompts ../shared/data/pairwise/hh-rlhf-helpful-base.jsonl.gz \\
+      --skip 200 --limit 50 --out tuned.replies.jsonl
+  flr score --input tuned.replies.jsonl --output tuned.scores.jsonl     # then flr compare
+
+Output rows: {"line", "id", "context": [messages], "response": str, "tokens": n,
+"finished": bool (ended with the end-of-turn token, not cut by --max-new-tokens)}, which
+`flr score` reads. Resumable: a rerun with the same --out continues (batches are fixed by
+input position and sampling is seeded per prompt, so the result is the same)."""
+
+
+def add_generate_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``generate`` on an ``argparse`` subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "generate",
+        help="a policy's replies to prompts (greedy by default), in the input format of flr score",
+        epilog=GENERATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--policy", required=True, help="'default', a model folder, hub id or .gguf")
+    p.add_argument("--prompts", required=True, help="JSONL(.gz) prompts (as for flr mine)")
+    p.add_argument("--out", required=True, help="JSONL replies (resumable)")
+    p.add_argument("--skip", type=int, default=0, help="leave out the first N prompts")
+    p.add_argument("--limit", type=int, default=None, help="then use N prompts only")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="(default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt: hash(seed, line))")
+    p.add_argument("--batch-prompts", type=int, default=8, help="prompts per generate call (default: 8)")
+    _add_load_args(p)
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    p.set_defaults(func=cmd_generate)
+    return p
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from flr_engine.io import ResumableWriter
+    from flr_engine.mining import (
+        end_of_turn_ids,
+        generation_prompt,
+        prompt_seed,
+        read_prompts,
+        require_chat_template,
+    )  # fmt: skip
+    from flr_engine.models import load
+    from flr_engine.sampling import generate
+
+    if args.max_new_tokens < 1 or args.batch_prompts < 1 or args.temperature < 0:
+        raise ValueError("--max-new-tokens and --batch-prompts must be >= 1, --temperature >= 0")
+    prompts = read_prompts(args.prompts, args.limit, args.skip)
+    template = _read_template(args.chat_template)
+    settings = {
+        k: getattr(args, k)
+        for k in ("prompts", "policy", "max_new_tokens", "temperature", "top_p", "seed",
+                  "batch_prompts", "dtype")
+    } | {"skip": args.skip, "chat_template": hashlib.sha256(template.encode()).hexdigest()[:16]
+         if template else None}  # fmt: skip
+    t0 = time.time()
+    lm = load(args.policy, dtype=args.dtype, device=args.device, chat_template=template)
+    tok = lm.tokenizer
+    require_chat_template(tok, f"the policy {args.policy!r}")
+    eot = end_of_turn_ids(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eot[0]
+    max_pos = getattr(lm.model.config, "max_position_embeddings", None)
+    log.info("policy %s loaded in %.1fs", args.policy, time.time() - t0)
+    written = 0
+    with ResumableWriter(args.out, settings, resume=not args.overwrite) as out:
+        bar = tqdm(total=len(prompts), initial=sum(p.line in out.done for p in prompts),
+                   unit="prompt", desc="flr generate", disable=args.quiet)  # fmt: skip
+        for start in range(0, len(prompts), args.batch_prompts):
+            chunk = prompts[start : start + args.batch_prompts]
+            if all(p.line in out.done for p in chunk):
+                continue
+            ids = []
+            for p in chunk:
+                x = tok(generation_prompt(tok, p.messages), add_special_tokens=False)["input_ids"]
+                if max_pos and len(x) + args.max_new_tokens > max_pos:
+                    x = x[-max(max_pos - args.max_new_tokens, 1) :]
+                    log.warning("line %d: prompt cut to its last %d tokens", p.line, len(x))
+                ids.append(x)
+            replies = generate(
+                lm.model, ids, max_new_tokens=args.max_new_tokens, stop_ids=eot, pad_id=pad,
+                temperature=args.temperature, top_p=args.top_p,
+                seeds=[prompt_seed(args.seed, p.line) for p in chunk],
+            )  # fmt: skip
+            rows = [
+                {"line": p.line, "id": p.id, "context": p.messages,
+                 "response": tok.decode(r, skip_special_tokens=True).strip(), "tokens": len(r),
+                 "finished": len(r) < args.max_new_tokens}  # fmt: skip
+                for p, (r,) in zip(chunk, replies)
+                if p.line not in out.done
+            ]
+            out.write(rows)
+            written += len(rows)
+            bar.update(len(rows))
+        bar.close()
+    log.info("flr generate: %d replies written to %s in %.1fs", written, args.out, time.time() - t0)
     return 0
 
 
