@@ -27,15 +27,8 @@ import contextlib
 
 import torch
 
-try:  # guarded: the module must import without triton
-    import triton
-    import triton.language as tl
-except ImportError as _exc:  # pragma: no cover - exercised only without triton
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR: ImportError | None = _exc
-else:
-    _TRITON_IMPORT_ERROR = None
+from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR  # guarded: may be None
+from ._triton import tl, triton
 
 __all__ = ["tree_attention_fwd", "triton_available", "triton_interpreting"]
 
