@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from flr_engine.cli import main
-from flr_engine.evaluation.compare import compare, fit_length_logistic, load_field, words
+from flr_engine.evaluation.compare import (
+    compare,
+    fit_length_logistic,
+    load_field,
+    repetition,
+    words,
+)
 from flr_engine.io import RowError
 
 
@@ -75,6 +81,8 @@ def test_cli_end_to_end_and_errors(tmp_path, capsys):
     assert res["win_rate_b"]["value"] == pytest.approx(2.5 / 3)
     assert res["mean_words_b"]["value"] == pytest.approx(2.0)
     assert words("  two  words ") == 2
+    assert res["repetition_a"]["value"] == 0.0  # "a b c": no 4-gram at all
+    assert "repeated word 4-grams, tuned (%) | 0.0" in text
     bad = write(tmp_path / "bad.jsonl", [{"id": 1, "reward": 0.1}, {"id": 2}])
     with pytest.raises(RowError, match="bad.jsonl:2: field 'reward': missing"):
         load_field(bad, "reward")
@@ -83,3 +91,12 @@ def test_cli_end_to_end_and_errors(tmp_path, capsys):
         load_field(dup, "reward")
     assert main(["compare", sa, bad]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_repetition_by_hand():
+    assert repetition("a b c d") == 0.0  # one 4-gram
+    # "no no no no no no": 3 four-grams, all the same -> 1 - 1/3
+    assert repetition("no no no no no no") == pytest.approx(2 / 3)
+    # a b c d a b c d: 4-grams abcd bcda cdab dabc abcd -> 4 distinct of 5
+    assert repetition("a b c d a b c d") == pytest.approx(0.2)
+    assert repetition("short") == 0.0

@@ -15,6 +15,10 @@ can prefer longer replies and a policy can learn to be longer:
                               P(B wins | i) = sigmoid(a + c * log(w_B(i) / w_A(i)))
                               (ties as label 0.5; maximum likelihood, L-BFGS)
 
+and one model-free view of degenerate text (small models loop under greedy decoding)::
+
+    repetition  1 - distinct / total word 4-grams of a reply      (0: no 4-gram repeats)
+
 All intervals are percentile bootstraps over prompts (paired: the same resample for every
 statistic), see :mod:`flr_engine.evaluation.metrics`.
 """
@@ -67,6 +71,13 @@ def words(text: str) -> int:
     return len(str(text).split())
 
 
+def repetition(text: str, n: int = 4) -> float:
+    """``1 - |distinct word n-grams| / |word n-grams|`` (0.0 for fewer than n words)."""
+    w = str(text).split()
+    grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
 def _mean_ci(x: np.ndarray, idx: np.ndarray, level: float) -> dict:
     return {"value": float(x.mean()), "ci": _interval(x[idx].mean(axis=1), level)}
 
@@ -94,11 +105,14 @@ def compare(
     reward_b: dict[str, float],
     words_a: dict[str, int] | None = None,
     words_b: dict[str, int] | None = None,
+    repetition_a: dict[str, float] | None = None,
+    repetition_b: dict[str, float] | None = None,
     n_boot: int = DEFAULT_BOOT,
     seed: int = 0,
     level: float = DEFAULT_LEVEL,
 ) -> dict:
-    """The statistics of the module docstring over the ids both sides have."""
+    """The statistics of the module docstring over the ids both sides have (lengths and
+    repetition only when given for both sides)."""
     keys = sorted(set(reward_a) & set(reward_b))
     if not keys:
         raise ValueError("the two score files have no id in common")
@@ -140,6 +154,13 @@ def compare(
                 "length_slope": c,
             },
         }
+    if repetition_a is not None and repetition_b is not None:
+        pa = np.array([repetition_a[k] for k in keys])
+        pb = np.array([repetition_b[k] for k in keys])
+        res |= {
+            "repetition_a": _mean_ci(pa, idx, level),
+            "repetition_b": _mean_ci(pb, idx, level),
+        }
     return res
 
 
@@ -168,6 +189,11 @@ def format_report(res: dict, name_a: str, name_b: str, level: float = DEFAULT_LE
             f"| win rate of {name_b}, similar length (n={sim['n']}) (%) | {_fmt(sim, True)} |",
             f"| win rate of {name_b} at equal length, logistic (%) | "
             f"{_fmt(res['equal_length_win_rate_b'], True)} |",
+        ]
+    if "repetition_a" in res:
+        lines += [
+            f"| repeated word 4-grams, {name_a} (%) | {_fmt(res['repetition_a'], True)} |",
+            f"| repeated word 4-grams, {name_b} (%) | {_fmt(res['repetition_b'], True)} |",
         ]
     return "\n".join(lines)
 
@@ -207,11 +233,13 @@ def cmd_compare(args) -> int:
         raise ValueError(f"--names needs two comma-separated names, got {args.names!r}")
     ra = load_field(args.scores_a, args.field)
     rb = load_field(args.scores_b, args.field)
-    wa = wb = None
+    wa = wb = pa = pb = None
     if args.replies:
         wa = load_field(args.replies[0], "response", words)
         wb = load_field(args.replies[1], "response", words)
-    res = compare(ra, rb, wa, wb, args.bootstrap, args.seed, args.level)
+        pa = load_field(args.replies[0], "response", repetition)
+        pb = load_field(args.replies[1], "response", repetition)
+    res = compare(ra, rb, wa, wb, pa, pb, args.bootstrap, args.seed, args.level)
     if res["only_a"] or res["only_b"]:
         log.warning("ids in one file only: %d in A, %d in B (left out)", res["only_a"], res["only_b"])
     print(format_report(res, *names, level=args.level))
