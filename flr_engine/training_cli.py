@@ -190,7 +190,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSONL replies (resumable)")
     p.add_argument("--skip", type=int, default=0, help="leave out the first N prompts")
     p.add_argument("--limit", type=int, default=None, help="then use N prompts only")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="(default: 256)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="max tokens per reply (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt: hash(seed, line))")
