@@ -216,6 +216,19 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return ids
 
 
+def prompt_ids(
+    tokenizer, messages: list[dict], max_new_tokens: int, max_positions: int | None, line: int
+) -> list[int]:
+    """Token ids of :func:`generation_prompt`; cut to its last ``max_positions -
+    max_new_tokens`` tokens (with a warning naming ``line``) when the reply would not fit."""
+    ids = tokenizer(generation_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    if max_positions and len(ids) + max_new_tokens > max_positions:
+        keep = max(max_positions - max_new_tokens, 1)
+        log.warning("line %d: prompt of %d tokens cut to its last %d", line, len(ids), keep)
+        ids = ids[-keep:]
+    return ids
+
+
 def prompt_seed(seed: int, line: int) -> int:
     """A 63-bit seed from (seed, line): the samples of a prompt do not depend on the run."""
     digest = hashlib.sha256(f"flr-mine:{seed}:{line}".encode()).digest()
@@ -237,14 +250,6 @@ class Miner:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot[0]
         self.max_positions = getattr(policy.config, "max_position_embeddings", None)
 
-    def _prompt_ids(self, messages: list[dict], line: int) -> list[int]:
-        ids = self.tok(generation_prompt(self.tok, messages), add_special_tokens=False)["input_ids"]
-        if self.max_positions and len(ids) + self.config.max_new_tokens > self.max_positions:
-            keep = max(self.max_positions - self.config.max_new_tokens, 1)
-            log.warning("line %d: prompt of %d tokens cut to its last %d", line, len(ids), keep)
-            ids = ids[-keep:]
-        return ids
-
     def sample_many(self, rows: list[PromptRow]) -> list[list[str]]:
         """K samples for each prompt of ``rows``, all in one batched ``generate`` call (decoded,
         stripped). Prompt ``row``'s samples depend on ``(config.seed, row.line)`` only, not on
@@ -254,7 +259,8 @@ class Miner:
         c = self.config
         out = generate(
             self.policy,
-            [self._prompt_ids(r.messages, r.line) for r in rows],
+            [prompt_ids(self.tok, r.messages, c.max_new_tokens, self.max_positions, r.line)
+             for r in rows],  # fmt: skip
             max_new_tokens=c.max_new_tokens, stop_ids=self.eot, pad_id=self.pad,
             num_samples=c.num_samples, temperature=c.temperature, top_p=c.top_p,
             seeds=[prompt_seed(c.seed, r.line) for r in rows],

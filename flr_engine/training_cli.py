@@ -207,7 +207,7 @@ def cmd_generate(args) -> int:
     from flr_engine.io import ResumableWriter
     from flr_engine.mining import (
         end_of_turn_ids,
-        generation_prompt,
+        prompt_ids,
         prompt_seed,
         read_prompts,
         require_chat_template,
@@ -241,13 +241,7 @@ def cmd_generate(args) -> int:
             chunk = prompts[start : start + args.batch_prompts]
             if all(p.line in out.done for p in chunk):
                 continue
-            ids = []
-            for p in chunk:
-                x = tok(generation_prompt(tok, p.messages), add_special_tokens=False)["input_ids"]
-                if max_pos and len(x) + args.max_new_tokens > max_pos:
-                    x = x[-max(max_pos - args.max_new_tokens, 1) :]
-                    log.warning("line %d: prompt cut to its last %d tokens", p.line, len(x))
-                ids.append(x)
+            ids = [prompt_ids(tok, p.messages, args.max_new_tokens, max_pos, p.line) for p in chunk]
             replies = generate(
                 lm.model, ids, max_new_tokens=args.max_new_tokens, stop_ids=eot, pad_id=pad,
                 temperature=args.temperature, top_p=args.top_p,
