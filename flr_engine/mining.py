@@ -216,6 +216,12 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return ids
 
 
+def stop_and_pad_ids(tokenizer) -> tuple[list[int], int]:
+    """(end-of-turn ids, pad id): the tokenizer's pad token, else the first end-of-turn id."""
+    eot = end_of_turn_ids(tokenizer)
+    return eot, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot[0]
+
+
 def prompt_ids(
     tokenizer, messages: list[dict], max_new_tokens: int, max_positions: int | None, line: int
 ) -> list[int]:
@@ -246,8 +252,7 @@ class Miner:
     def __init__(self, policy, tokenizer, scorer, config: MineConfig):
         require_chat_template(tokenizer)
         self.policy, self.tok, self.scorer, self.config = policy, tokenizer, scorer, config
-        self.eot = end_of_turn_ids(tokenizer)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot[0]
+        self.eot, self.pad = stop_and_pad_ids(tokenizer)
         self.max_positions = getattr(policy.config, "max_position_embeddings", None)
 
     def sample_many(self, rows: list[PromptRow]) -> list[list[str]]:

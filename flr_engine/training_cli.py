@@ -78,6 +78,17 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _add_prompt_job_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    """--policy, --prompts, --out, --skip, --limit, --overwrite: a resumable job over prompts."""
+    p.add_argument("--policy", required=True, help="'default', a model folder, hub id or .gguf")
+    p.add_argument("--prompts", required=True, help="JSONL(.gz) prompts: {\"prompt\"|\"messages\"|\"context\"} rows")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--skip", type=int, default=0,
+                   help="leave out the first N prompts (shards: --skip 100 --limit 100)")  # fmt: skip
+    p.add_argument("--limit", type=int, default=None, help="then use N prompts only")
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+
+
 # --------------------------------------------------------------------------------------
 # flr mine
 # --------------------------------------------------------------------------------------
@@ -94,9 +105,7 @@ def add_mine_parser(subparsers) -> argparse.ArgumentParser:
         epilog=MINE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--policy", required=True, help="'default', a model folder, hub id or .gguf")
-    p.add_argument("--prompts", required=True, help="JSONL(.gz) prompts (see below)")
-    p.add_argument("--out", required=True, help="JSONL pairs (resumable)")
+    _add_prompt_job_args(p, "JSONL pairs (resumable)")
     p.add_argument(
         "--model", default=None,
         help="the follow-up (reward) model: 'default', folder, hub id, .gguf (default: the policy)",
@@ -104,10 +113,6 @@ def add_mine_parser(subparsers) -> argparse.ArgumentParser:
     _add_config_args(p, MineConfig)
     _add_load_args(p)
     _add_reward_args(p)
-    p.add_argument("--skip", type=int, default=0,
-                   help="leave out the first N prompts (shards: --skip 100 --limit 100)")  # fmt: skip
-    p.add_argument("--limit", type=int, default=None, help="then use N prompts only")
-    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     p.set_defaults(func=cmd_mine)
     return p
 
@@ -185,18 +190,13 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         epilog=GENERATE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--policy", required=True, help="'default', a model folder, hub id or .gguf")
-    p.add_argument("--prompts", required=True, help="JSONL(.gz) prompts (as for flr mine)")
-    p.add_argument("--out", required=True, help="JSONL replies (resumable)")
-    p.add_argument("--skip", type=int, default=0, help="leave out the first N prompts")
-    p.add_argument("--limit", type=int, default=None, help="then use N prompts only")
+    _add_prompt_job_args(p, "JSONL replies (resumable)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="max tokens per reply (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt: hash(seed, line))")
     p.add_argument("--batch-prompts", type=int, default=8, help="prompts per generate call (default: 8)")
     _add_load_args(p)
-    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
     p.set_defaults(func=cmd_generate)
     return p
 
@@ -206,11 +206,11 @@ def cmd_generate(args) -> int:
 
     from flr_engine.io import ResumableWriter
     from flr_engine.mining import (
-        end_of_turn_ids,
         prompt_ids,
         prompt_seed,
         read_prompts,
         require_chat_template,
+        stop_and_pad_ids,
     )  # fmt: skip
     from flr_engine.models import load
     from flr_engine.sampling import generate
@@ -229,8 +229,7 @@ def cmd_generate(args) -> int:
     lm = load(args.policy, dtype=args.dtype, device=args.device, chat_template=template)
     tok = lm.tokenizer
     require_chat_template(tok, f"the policy {args.policy!r}")
-    eot = end_of_turn_ids(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eot[0]
+    eot, pad = stop_and_pad_ids(tok)
     max_pos = getattr(lm.model.config, "max_position_embeddings", None)
     log.info("policy %s loaded in %.1fs", args.policy, time.time() - t0)
     written = 0

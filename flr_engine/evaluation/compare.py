@@ -234,11 +234,10 @@ def cmd_compare(args) -> int:
     ra = load_field(args.scores_a, args.field)
     rb = load_field(args.scores_b, args.field)
     wa = wb = pa = pb = None
-    if args.replies:
-        wa = load_field(args.replies[0], "response", words)
-        wb = load_field(args.replies[1], "response", words)
-        pa = load_field(args.replies[0], "response", repetition)
-        pb = load_field(args.replies[1], "response", repetition)
+    if args.replies:  # each file read once; lengths and repetition from the same texts
+        ta, tb = (load_field(path, "response", str) for path in args.replies)
+        wa, wb = ({k: words(t) for k, t in x.items()} for x in (ta, tb))
+        pa, pb = ({k: repetition(t) for k, t in x.items()} for x in (ta, tb))
     res = compare(ra, rb, wa, wb, pa, pb, args.bootstrap, args.seed, args.level)
     if res["only_a"] or res["only_b"]:
         log.warning("ids in one file only: %d in A, %d in B (left out)", res["only_a"], res["only_b"])
