@@ -12,6 +12,7 @@ aggregates per-template scores into :class:`~flr_engine.reward.ScoreResult`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -134,26 +135,79 @@ class FLRScorer:
 
     def score_prepared(self, prepared: Sequence[PreparedPair]) -> list[ScoreResult]:
         """Score already rendered pairs in one backend call (the engine packs them together)."""
+        return self.score_prepared_with_direct(prepared, direct=False)[0]
+
+    def score_prepared_with_direct(
+        self, prepared: Sequence[PreparedPair], direct: bool = True
+    ) -> tuple[list[ScoreResult], list[float] | None]:
+        """FLR results and, with ``direct``, the paper's Direct baseline of each pair::
+
+            direct = mean_{n in reply} log p(ids[n] | ids[:n])      (NaN: no reply tokens)
+
+        In likelihood mode Direct comes from the same backend call: its sequence is the
+        first follow-up's sequence with the reply tokens as targets, placed right after the
+        pair's follow-ups, so the engine's trie shares every token and only the reply
+        tokens' log-probs are extra. The official mode needs a second (likelihood) call.
+        """
         texts = self.templates.unique_texts
-        seqs = [s for p in prepared for s in p.sequences]
-        values = self.backend.sequence_scores(seqs, self.config.mode, self.config.reduction)
-        results, k = [], len(texts)
-        for i, p in enumerate(prepared):
-            if self.config.mode == "official":
+        k = len(texts)
+        mode, reduction = self.config.mode, self.config.reduction
+        seqs: list[ScoredSequence] = []
+        direct_at: list[int | None] = []  # index in ``seqs`` of each pair's Direct sequence
+        extra: list[ScoredSequence] = []
+        for p in prepared:
+            seqs += p.sequences
+            d = _direct_sequence(p.sequences[0]) if direct else None
+            if d is None:
+                direct_at.append(None)
+            elif mode == "likelihood":
+                direct_at.append(len(seqs))
+                seqs.append(d)
+            else:
+                direct_at.append(-1 - len(extra))
+                extra.append(d)
+        values = self.backend.sequence_scores(seqs, mode, reduction)
+        extra_values = self.backend.sequence_scores(extra, "likelihood", "mean") if extra else []
+        results, start = [], 0
+        for p, at in zip(prepared, direct_at):
+            seq_scores = values[start : start + k]
+            start += k + (at is not None and at >= 0)
+            if mode == "official":
                 ntok = {t: len(s.logit_ids) for t, s in zip(texts, p.sequences)}
             else:
                 ntok = {t: len(s.targets) for t, s in zip(texts, p.sequences)}
-            scores = dict(zip(texts, values[i * k : (i + 1) * k]))
             results.append(
-                aggregate(self.templates, scores, ntok, self.config.mode, p.sequences[0].truncated)
+                aggregate(
+                    self.templates, dict(zip(texts, seq_scores)), ntok, mode, p.sequences[0].truncated
+                )
             )
-        return results
+        if not direct:
+            return results, None
+        direct_values = []
+        for p, at in zip(prepared, direct_at):
+            if at is None:
+                direct_values.append(math.nan)
+            elif at < 0:
+                direct_values.append(extra_values[-1 - at])
+            else:  # the backend reduced with the FLR reduction; Direct is a mean
+                v = values[at]
+                direct_values.append(v / len(p.sequences[0].reply_targets) if reduction == "sum" else v)
+        return results, direct_values
 
     def _score_pairs(self, pairs: Iterable[tuple[list, str]]) -> list[ScoreResult]:
         texts = self.templates.unique_texts
         return self.score_prepared(
             [PreparedPair(self.renderer.build(c, r, texts)) for c, r in pairs]
         )
+
+
+def _direct_sequence(seq: ScoredSequence) -> ScoredSequence | None:
+    """``seq`` scored on its reply tokens (the Direct baseline), or None without any."""
+    if not seq.reply_targets:
+        return None
+    return ScoredSequence(
+        ids=seq.ids, targets=seq.reply_targets, logit_pos=0, logit_ids=[], reply_targets=seq.reply_targets
+    )
 
 
 @dataclass

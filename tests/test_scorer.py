@@ -99,3 +99,40 @@ def test_trl_reward_from_name_pickles_without_model(tiny_model_dir):
     state = pickle.dumps(reward)
     assert len(state) < 10_000  # no weights inside
     assert pickle.loads(state)(prompts=CONVS[:1], completions=REPLIES[:1]) == pytest.approx(first)
+
+
+def independent_direct(model, tok, conv, reply):
+    """Direct baseline via HF's loss: mean log p of the reply's tokens given the context."""
+    text = tok.apply_chat_template(conv + [{"role": "assistant", "content": reply}], tokenize=False)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    start = text.rindex(reply)
+    ids = torch.tensor([enc.input_ids])
+    labels = torch.tensor([[i if a >= start and b <= start + len(reply) and b > a else -100
+                            for i, (a, b) in zip(enc.input_ids, enc.offset_mapping)]])
+    with torch.no_grad():
+        return -model(input_ids=ids, labels=labels).loss.item()
+
+
+@pytest.mark.parametrize("engine", ["engine", "reference"])
+@pytest.mark.parametrize("mode,reduction", [("likelihood", "mean"), ("likelihood", "sum"), ("official", "mean")])
+def test_direct_baseline_from_the_same_call(tiny, engine, mode, reduction):
+    model, tok = tiny
+    scorer = FLRScorer(model, tok, templates="flr-mixed", engine=engine, mode=mode, reduction=reduction)
+    calls = []
+    real = scorer.backend.sequence_scores
+    scorer.backend.sequence_scores = lambda seqs, *a: calls.append(len(seqs)) or real(seqs, *a)
+    prepared = [scorer.prepare(c, r) for c, r in zip(CONVS, REPLIES)]
+    results, direct = scorer.score_prepared_with_direct(prepared)
+    stats = dict(getattr(scorer.backend, "last_stats", {}))
+    k = len(scorer.templates.unique_texts)
+    # likelihood: one backend call holding the follow-ups and one Direct sequence per pair
+    assert calls == ([2 * k + 2] if mode == "likelihood" else [2 * k, 2])
+    for conv, reply, d in zip(CONVS, REPLIES, direct):
+        assert d == pytest.approx(independent_direct(model, tok, conv, reply), abs=1e-5)
+    plain = scorer.score_prepared(prepared)
+    if engine == "engine" and mode == "likelihood":  # the trie shares every Direct token
+        assert stats["unique_tokens"] == scorer.backend.last_stats["unique_tokens"]
+    assert [r.reward for r in results] == pytest.approx([r.reward for r in plain], abs=1e-6)
+    assert [r.template_logprobs for r in results] == [
+        pytest.approx(r.template_logprobs, abs=1e-6) for r in plain
+    ]

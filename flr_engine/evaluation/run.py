@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flr_engine.chat import InputError, ScoredSequence
+from flr_engine.chat import InputError
 from flr_engine.evaluation import metrics as M
 from flr_engine.evaluation.data import EvalSet, PairItem
 from flr_engine.io import ResumableWriter, RowError
@@ -145,30 +145,6 @@ def _writer(path: str, settings: dict, resume: bool) -> ResumableWriter:
 # ---------------------------------------------------------------- scoring
 
 
-def direct_scores(scorer, prepared) -> list[float]:
-    """Direct baseline: mean log p of each reply's tokens given its context, from the first
-    rendered sequence of each PreparedPair (NaN where the reply has no located tokens)."""
-    seqs, where = [], []
-    for i, p in enumerate(prepared):
-        s = p.sequences[0]
-        if s.reply_targets:
-            seqs.append(
-                ScoredSequence(
-                    ids=s.ids,
-                    targets=s.reply_targets,
-                    logit_pos=0,
-                    logit_ids=[],
-                    reply_targets=s.reply_targets,
-                )
-            )
-            where.append(i)
-    out = [math.nan] * len(prepared)
-    if seqs:
-        for i, v in zip(where, scorer.backend.sequence_scores(seqs, "likelihood", "mean")):
-            out[i] = v
-    return out
-
-
 def _record(res, direct: float, reply: str, texts: list[str]) -> dict:
     return {
         "reward": res.reward,
@@ -209,8 +185,7 @@ def score_batch(scorer, items: list, es: EvalSet, on_error: str) -> list[dict]:
         ok.append(it)
     if not ok:
         return rows
-    results = scorer.score_prepared(prepared)
-    direct = direct_scores(scorer, prepared)
+    results, direct = scorer.score_prepared_with_direct(prepared)
     k = 0
     for it in ok:
         row = {"line": it.line, "id": it.id}
