@@ -269,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """-q also silences the libraries' own bars (transformers' "Loading weights", hub
+    downloads): by environment before they are imported, directly if they already are."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -277,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if args.quiet:
+        _quiet_libraries()
     try:
         return args.func(args)
     except (RowError, InputError, FileNotFoundError, ValueError, ModelLoadError) as exc:

@@ -140,3 +140,23 @@ def test_help_has_examples(capsys):
     with pytest.raises(SystemExit):
         main(["score", "--help"])
     assert "examples:" in capsys.readouterr().out
+
+
+def test_quiet_silences_library_progress_bars(tmp_path, tiny_model_dir):
+    """`flr -q` prints nothing on success, not even transformers' "Loading weights" bar."""
+    import os
+    import subprocess
+    import sys
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_rows(inp, ROWS[:1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    res = subprocess.run(
+        [sys.executable, "-m", "flr_engine.cli", "-q", "score", "--input", str(inp), "--output", str(out),
+         "--model", str(tiny_model_dir), "--templates", "flr-mixed", "--engine", "reference"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == "" and res.stdout == ""
+    assert len(read(out)) == 1
