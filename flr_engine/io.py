@@ -77,26 +77,61 @@ def parse_score_row(path: str, line: int, obj: dict) -> ScoreRow:
     return ScoreRow(line, obj.get("id", line), obj[keys[0]], obj[keys[1]])
 
 
+class OutputBusyError(ValueError):
+    """Another process is writing the same output file."""
+
+
+def _lock_exclusive(path: str):
+    """Hold ``<path>.lock`` exclusively (advisory ``flock``, released when the process
+    exits) or raise :class:`OutputBusyError`. No-op where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fh = open(path + ".lock", "a")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise OutputBusyError(
+            f"{path} is being written by another process; wait for it to finish or write "
+            "elsewhere"
+        ) from None
+    return fh
+
+
 class ResumableWriter:
     """Append-only JSONL results keyed by input line; knows which lines are done.
 
     A sidecar ``<output>.meta.json`` records the settings of the run; resuming with other
-    settings raises instead of mixing incompatible results in one file.
+    settings raises instead of mixing incompatible results in one file. While open, the
+    writer holds ``<output>.lock``: a second process on the same output gets
+    :class:`OutputBusyError` instead of appending the same lines twice.
     """
 
     def __init__(self, path: str, settings: dict, resume: bool = True):
         self.path = path
         self.meta_path = path + ".meta.json"
         self.done: set[int] = set()
-        if resume and os.path.exists(path):
-            self._check_settings(settings)
-            self._load_done()
-        else:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            open(path, "w").close()
-        with open(self.meta_path, "w") as fh:
-            json.dump(settings, fh, indent=1, sort_keys=True)
-        self._fh = open(path, "a", encoding="utf-8")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._lock = _lock_exclusive(path)
+        try:
+            if resume and os.path.exists(path):
+                self._check_settings(settings)
+                self._load_done()
+            else:
+                open(path, "w").close()
+            with open(self.meta_path, "w") as fh:
+                json.dump(settings, fh, indent=1, sort_keys=True)
+            self._fh = open(path, "a", encoding="utf-8")
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor drops the flock
+            self._lock = None
 
     def _check_settings(self, settings: dict) -> None:
         if not os.path.exists(self.meta_path):
@@ -136,6 +171,7 @@ class ResumableWriter:
 
     def close(self) -> None:
         self._fh.close()
+        self._release()
 
     def __enter__(self):
         return self

@@ -160,3 +160,22 @@ def test_quiet_silences_library_progress_bars(tmp_path, tiny_model_dir):
     assert res.returncode == 0, res.stderr
     assert res.stderr == "" and res.stdout == ""
     assert len(read(out)) == 1
+
+
+def test_second_writer_on_the_same_output_is_refused(tmp_path, tiny_model_dir, capsys):
+    """Two jobs on one output would append the same lines twice: the second is refused with
+    a clear error while the first holds the file, and may go on once it is closed."""
+    from flr_engine.io import OutputBusyError, ResumableWriter
+
+    out = tmp_path / "out.jsonl"
+    with ResumableWriter(str(out), {"a": 1}) as first:
+        first.write([{"line": 1}])
+        with pytest.raises(OutputBusyError, match="being written by another process"):
+            ResumableWriter(str(out), {"a": 1})
+        inp = tmp_path / "in.jsonl"
+        write_rows(inp, ROWS[:1])
+        assert score(tiny_model_dir, inp, out) == 2
+        assert "out.jsonl is being written by another process" in capsys.readouterr().err
+    assert read(out) == [{"line": 1}]  # the refused attempts changed nothing
+    with ResumableWriter(str(out), {"a": 1}) as again:
+        assert again.done == {1}

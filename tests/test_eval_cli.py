@@ -159,6 +159,30 @@ def test_interrupted_set_resumes_where_it_stopped(first, tiny_model_dir, tmp_pat
         assert new["rejected"]["lp"] == pytest.approx(old["rejected"]["lp"], abs=1e-5)
 
 
+def test_set_held_by_another_run_is_left_out_not_duplicated(first, tiny_model_dir, tmp_path, capsys):
+    """Two `flr eval` runs on one --out share the sets: a set whose rows another run is
+    writing is skipped (named in the report), the others are scored."""
+    from flr_engine.io import ResumableWriter
+
+    out = tmp_path / "out"
+    shutil.copytree(first["out"], out)
+    for f in ("pairs.result.json", "ratings.result.json"):
+        os.remove(out / "sets" / f)
+    rows = out / "sets" / "pairs.rows.jsonl"
+    before = rows.read_bytes()
+    meta = json.load(open(str(rows) + ".meta.json"))
+    with ResumableWriter(str(rows), meta):  # "the other run"
+        assert run(tiny_model_dir, out, first["data"]) == 0
+    text = capsys.readouterr().out
+    assert "left out, being scored by another process: pairs" in text
+    res = json.load(open(out / "results.json"))
+    assert "pairs" not in res["sets"] and res["busy"] == ["pairs"]
+    assert res["sets"]["ratings"]["n"] == 3
+    assert rows.read_bytes() == before
+    assert run(tiny_model_dir, out, first["data"]) == 0  # once it is free: reported again
+    assert json.load(open(out / "results.json"))["sets"]["pairs"]["n"] == 3
+
+
 def test_calibration_reports_only_other_sets(tiny_model_dir, tmp_path, capsys):
     a = write(tmp_path / "a.jsonl", [p for p in PAIRS if not p["tie"]])
     b = write(tmp_path / "b.jsonl", RATINGS[:3])

@@ -50,7 +50,7 @@ import numpy as np
 from flr_engine.chat import InputError
 from flr_engine.evaluation import metrics as M
 from flr_engine.evaluation.data import EvalSet, PairItem
-from flr_engine.io import ResumableWriter, RowError
+from flr_engine.io import OutputBusyError, ResumableWriter, RowError
 from flr_engine.templates import TemplateSet
 
 log = logging.getLogger("flr_engine.eval")
@@ -138,6 +138,8 @@ def _texts_hash(texts: list[str]) -> str:
 def _writer(path: str, settings: dict, resume: bool) -> ResumableWriter:
     try:
         return ResumableWriter(path, settings, resume=resume)
+    except OutputBusyError:
+        raise
     except ValueError as exc:
         raise ValueError(str(exc).replace("another --output", "another --out")) from None
 
@@ -426,7 +428,12 @@ def evaluate_set(
     unit = "pair" if es.kind == "pairwise" else "row"
     computed = 0
     if items:
-        with _writer(paths["rows"], row_settings, resume=not cfg.overwrite) as w:
+        try:
+            rows_writer = _writer(paths["rows"], row_settings, resume=not cfg.overwrite)
+        except OutputBusyError as exc:  # another `flr eval` on the same --out has this set
+            log.warning("set %s skipped here: %s", es.name, exc)
+            return {"name": es.name, "path": es.path, "busy": True}
+        with rows_writer as w:
             todo = [it for it in items if it.line not in w.done]
             if todo and len(todo) < len(items):
                 log.info(
@@ -490,6 +497,8 @@ def run_calibration(
     """Fit template weights on ``cfg.calibrate_on`` and score the other sets with them."""
     by_name = {es.name: es for es in sets}
     fit = by_name[cfg.calibrate_on]
+    if fit.name not in results:
+        raise ValueError(f"set {fit.name} is being scored by another process")
     dims = templates.dimension_names
 
     def scores_of(es):
@@ -513,7 +522,7 @@ def run_calibration(
     }
     kw = dict(n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.level)
     for es in sets:
-        if es.name == fit.name or not results[es.name].get("n"):
+        if es.name == fit.name or not results.get(es.name, {}).get("n"):
             continue
         t = scores_of(es)
         if es.kind == "pairwise":
@@ -547,8 +556,13 @@ def run_eval(
     get_scorer = _Lazy(scorer_factory)
     get_rm = _Lazy(rm_factory) if rm_factory is not None and cfg.reward_model else None
     results = {}
+    busy = []  # sets another process is scoring into the same --out: left out of this report
     for es in sets:
-        results[es.name] = evaluate_set(es, cfg, templates, get_scorer, get_rm)
+        r = evaluate_set(es, cfg, templates, get_scorer, get_rm)
+        if r.get("busy"):
+            busy.append(es.name)
+        else:
+            results[es.name] = r
     out = {
         "settings": {
             **cfg.scoring,
@@ -561,6 +575,7 @@ def run_eval(
             "engine": getattr(get_scorer.obj, "engine_name", None),
         },
         "sets": results,
+        "busy": busy,
         "calibration": None,
     }
     if cfg.calibrate_on is not None:
@@ -713,6 +728,11 @@ def markdown_report(res: dict) -> str:
     cached = [k for k, r in sets.items() if r.get("cached")]
     if cached:
         lines.append(f"(reused finished results for: {', '.join(cached)})")
+    if res.get("busy"):
+        lines.append(
+            f"(left out, being scored by another process: {', '.join(res['busy'])}; "
+            "run again when it has finished)"
+        )
     return "\n".join(lines).rstrip() + "\n"
 
 
