@@ -28,17 +28,23 @@ def tiny():
     return make_model("llama", vocab_size=len(tok)), tok
 
 
-def independent_lp(model, tok, conv, reply, f):
-    """mean log p of the follow-up tokens, via HF's loss (not our code path)."""
-    msgs = conv + [{"role": "assistant", "content": reply}, {"role": "user", "content": f}]
+def hf_mean_logprob(model, tok, msgs, span):
+    """mean log p of the tokens inside the last occurrence of ``span`` in the rendered
+    ``msgs``, via HF's loss (not our code path)."""
     text = tok.apply_chat_template(msgs, tokenize=False)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    start = text.rindex(f)
+    start = text.rindex(span)
     ids = torch.tensor([enc.input_ids])
-    labels = torch.tensor([[i if a >= start and b <= start + len(f) and b > a else -100
+    labels = torch.tensor([[i if a >= start and b <= start + len(span) and b > a else -100
                             for i, (a, b) in zip(enc.input_ids, enc.offset_mapping)]])
     with torch.no_grad():
         return -model(input_ids=ids, labels=labels).loss.item()
+
+
+def independent_lp(model, tok, conv, reply, f):
+    """mean log p of the follow-up tokens."""
+    msgs = conv + [{"role": "assistant", "content": reply}, {"role": "user", "content": f}]
+    return hf_mean_logprob(model, tok, msgs, f)
 
 
 def test_reward_matches_independent_formula(tiny):
@@ -102,15 +108,8 @@ def test_trl_reward_from_name_pickles_without_model(tiny_model_dir):
 
 
 def independent_direct(model, tok, conv, reply):
-    """Direct baseline via HF's loss: mean log p of the reply's tokens given the context."""
-    text = tok.apply_chat_template(conv + [{"role": "assistant", "content": reply}], tokenize=False)
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    start = text.rindex(reply)
-    ids = torch.tensor([enc.input_ids])
-    labels = torch.tensor([[i if a >= start and b <= start + len(reply) and b > a else -100
-                            for i, (a, b) in zip(enc.input_ids, enc.offset_mapping)]])
-    with torch.no_grad():
-        return -model(input_ids=ids, labels=labels).loss.item()
+    """Direct baseline: mean log p of the reply's tokens given the context."""
+    return hf_mean_logprob(model, tok, conv + [{"role": "assistant", "content": reply}], reply)
 
 
 @pytest.mark.parametrize("engine", ["engine", "reference"])
