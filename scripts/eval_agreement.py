@@ -1,0 +1,83 @@
+"""How far two `flr eval` runs of the same sets agree, row by row (e.g. bf16 vs fp32).
+
+    python scripts/eval_agreement.py runs/eval-fp32 runs/eval-bf16
+
+For every set with rows in both ``--out`` folders, on the rows both have:
+
+- pairwise: how often FLR and Direct pick the same reply; the largest and median
+  ``|reward_A - reward_B|``; and, over all of B's rows, how many pairs have a FLR margin
+  ``|r_chosen - r_rejected|`` under twice that largest difference (the only pairs whose
+  decision such a difference could flip);
+- rating: Spearman between A's and B's rewards, and the same reward differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+import numpy as np
+from scipy.stats import spearmanr
+
+
+def read_rows(path: str) -> dict[int, dict]:
+    with open(path, encoding="utf-8") as fh:
+        return {r["line"]: r for r in map(json.loads, fh) if "error" not in r}
+
+
+def compare_set(a: dict[int, dict], b: dict[int, dict]) -> dict:
+    common = sorted(set(a) & set(b))
+    pairwise = "chosen" in next(iter(b.values()))
+    sides = ("chosen", "rejected") if pairwise else ("response",)
+    diffs = [abs(a[n][s]["reward"] - b[n][s]["reward"]) for n in common for s in sides]
+    out = {"common": len(common), "max_diff": max(diffs), "median_diff": float(np.median(diffs))}
+    if pairwise:
+        for key, name in (("reward", "flr"), ("direct", "direct")):
+            same = sum(
+                (a[n]["chosen"][key] > a[n]["rejected"][key]) == (b[n]["chosen"][key] > b[n]["rejected"][key])
+                for n in common
+                if a[n]["chosen"][key] is not None and b[n]["chosen"][key] is not None
+            )
+            out[f"same_{name}"] = same
+        margins = np.array([abs(r["chosen"]["reward"] - r["rejected"]["reward"]) for r in b.values()])
+        out["b_rows"] = len(margins)
+        out["b_close"] = int((margins < 2 * out["max_diff"]).sum())
+    else:
+        out["spearman"] = float(
+            spearmanr([a[n]["response"]["reward"] for n in common], [b[n]["response"]["reward"] for n in common])[0]
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("a", help="an flr eval --out folder")
+    ap.add_argument("b", help="another flr eval --out folder over the same data")
+    args = ap.parse_args()
+    for path_b in sorted(glob.glob(os.path.join(args.b, "sets", "*.rows.jsonl"))):
+        path_a = os.path.join(args.a, "sets", os.path.basename(path_b))
+        if not os.path.exists(path_a):
+            continue
+        name = os.path.basename(path_b)[: -len(".rows.jsonl")]
+        r = compare_set(read_rows(path_a), read_rows(path_b))
+        if not r["common"]:
+            continue
+        line = (
+            f"{name}: {r['common']} common rows; |reward diff| median {r['median_diff']:.4f}, "
+            f"max {r['max_diff']:.4f}"
+        )
+        if "same_flr" in r:
+            line += (
+                f"; same FLR choice {r['same_flr']}/{r['common']}, same Direct choice "
+                f"{r['same_direct']}/{r['common']}; B pairs with margin < 2 x max diff: "
+                f"{r['b_close']}/{r['b_rows']}"
+            )
+        else:
+            line += f"; Spearman(A, B) {r['spearman']:.4f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
