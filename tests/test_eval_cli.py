@@ -104,6 +104,10 @@ def test_eval_writes_table_json_and_figure(first):
     rows = [json.loads(x) for x in open(out / "sets" / "pairs.rows.jsonl")]
     assert [r["line"] for r in rows] == [1, 3, 4]  # line 2 is the tie
     assert len(rows[0]["chosen"]["lp"]) == 39 and rows[0]["chosen"]["length"] == len(PAIRS[0]["chosen"])
+    # scoring time is kept per row, so a set's total survives resumes
+    assert all(r["seconds"] > 0 for r in rows) and pairs["timed_rows"] == 3
+    assert pairs["scoring_seconds"] == pytest.approx(sum(r["seconds"] for r in rows), abs=0.06)
+    assert "(scoring time, summed over the runs that wrote the rows: pairs " in text
 
 
 def test_flr_and_direct_match_the_api(first, tiny_model_dir):
@@ -153,6 +157,8 @@ def test_interrupted_set_resumes_where_it_stopped(first, tiny_model_dir, tmp_pat
     assert res["sets"]["pairs"]["computed_rows"] == 2
     again = rows.read_text().splitlines(keepends=True)
     assert [json.loads(x)["line"] for x in again] == [1, 3, 4]
+    assert again[0] == full[0]  # the finished row, its time included, is kept as it was
+    assert res["sets"]["pairs"]["timed_rows"] == 3
     for new, old in zip(again, full):
         new, old = json.loads(new), json.loads(old)
         assert new["chosen"]["reward"] == pytest.approx(old["chosen"]["reward"], abs=1e-5)

@@ -266,6 +266,8 @@ class SetScores:
     y: np.ndarray | None
     bad: int = 0
     errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # scoring time of the rows, summed over every run that wrote them
+    timed_rows: int = 0  # rows that carry a time (rows from before timing was kept do not)
 
 
 def _read_rows(path: str) -> dict[int, dict]:
@@ -314,7 +316,11 @@ def load_scores(es: EvalSet, items: list, paths: dict, dims: list[str], seed: in
     a, da, la = side(0, sides[0])
     b, db, lb = side(1, sides[1]) if pair else (None, None, None)
     y = None if pair else np.array([r["score"] for r in good], dtype=float)
-    return SetScores([r["line"] for r in good], a, b, da, db, la, lb, y, len(errors), errors)
+    timed = [r["seconds"] for r in good if "seconds" in r]
+    return SetScores(
+        [r["line"] for r in good], a, b, da, db, la, lb, y, len(errors), errors,
+        seconds=float(sum(timed)), timed_rows=len(timed),
+    )
 
 
 # ---------------------------------------------------------------- metrics of a set
@@ -448,7 +454,11 @@ def evaluate_set(
             )
             for i in range(0, len(todo), cfg.batch_size):
                 batch = todo[i : i + cfg.batch_size]
-                w.write(score_batch(get_scorer(), batch, es, cfg.on_error))
+                scorer = get_scorer()  # loaded once, before the clock starts
+                t_batch = time.time()
+                recs = score_batch(scorer, batch, es, cfg.on_error)
+                per_row = round((time.time() - t_batch) / max(1, len(recs)), 4)
+                w.write([{**r, "seconds": per_row} for r in recs])
                 computed += len(batch)
                 bar.update(len(batch))
             bar.close()
@@ -475,6 +485,8 @@ def evaluate_set(
         "limit": cfg.limit,
         "n": len(scores.lines),
         "computed_rows": computed,
+        "scoring_seconds": round(scores.seconds, 1),
+        "timed_rows": scores.timed_rows,
         "cached": False,
     }
     if not scores.lines:
@@ -725,6 +737,14 @@ def markdown_report(res: dict) -> str:
             + ", ".join(f"{t['text']!r} {t['weight']:+.2f}" for t in cal["top"][:5]),
             "",
         ]
+    timed = [
+        f"{k} {r['scoring_seconds']:.0f} s"
+        + ("" if r["timed_rows"] == r["n"] else f" ({r['timed_rows']} of {r['n']} rows timed)")
+        for k, r in sets.items()
+        if r.get("timed_rows")
+    ]
+    if timed:
+        lines.append(f"(scoring time, summed over the runs that wrote the rows: {', '.join(timed)})")
     cached = [k for k, r in sets.items() if r.get("cached")]
     if cached:
         lines.append(f"(reused finished results for: {', '.join(cached)})")
