@@ -150,47 +150,39 @@ class FLRScorer:
         tokens' log-probs are extra. The official mode needs a second (likelihood) call.
         """
         texts = self.templates.unique_texts
-        k = len(texts)
         mode, reduction = self.config.mode, self.config.reduction
-        seqs: list[ScoredSequence] = []
-        direct_at: list[int | None] = []  # index in ``seqs`` of each pair's Direct sequence
-        extra: list[ScoredSequence] = []
+        seqs: list[ScoredSequence] = []  # the main call: follow-ups (+ Direct in likelihood mode)
+        extra: list[ScoredSequence] = []  # Direct sequences for a second call (official mode)
+        first: list[int] = []  # index in ``seqs`` of each pair's first follow-up
+        where: list[tuple[list, int] | None] = []  # (call, index) of each pair's Direct
         for p in prepared:
+            first.append(len(seqs))
             seqs += p.sequences
             d = _direct_sequence(p.sequences[0]) if direct else None
-            if d is None:
-                direct_at.append(None)
-            elif mode == "likelihood":
-                direct_at.append(len(seqs))
-                seqs.append(d)
-            else:
-                direct_at.append(-1 - len(extra))
-                extra.append(d)
+            call = seqs if mode == "likelihood" else extra
+            where.append(None if d is None else (call, len(call)))
+            if d is not None:
+                call.append(d)
         values = self.backend.sequence_scores(seqs, mode, reduction)
         extra_values = self.backend.sequence_scores(extra, "likelihood", "mean") if extra else []
-        results, start = [], 0
-        for p, at in zip(prepared, direct_at):
-            seq_scores = values[start : start + k]
-            start += k + (at is not None and at >= 0)
+        results = []
+        for p, i in zip(prepared, first):
             if mode == "official":
                 ntok = {t: len(s.logit_ids) for t, s in zip(texts, p.sequences)}
             else:
                 ntok = {t: len(s.targets) for t, s in zip(texts, p.sequences)}
-            results.append(
-                aggregate(
-                    self.templates, dict(zip(texts, seq_scores)), ntok, mode, p.sequences[0].truncated
-                )
-            )
+            scores = dict(zip(texts, values[i : i + len(texts)]))
+            results.append(aggregate(self.templates, scores, ntok, mode, p.sequences[0].truncated))
         if not direct:
             return results, None
         direct_values = []
-        for p, at in zip(prepared, direct_at):
-            if at is None:
+        for p, w in zip(prepared, where):
+            if w is None:
                 direct_values.append(math.nan)
-            elif at < 0:
-                direct_values.append(extra_values[-1 - at])
-            else:  # the backend reduced with the FLR reduction; Direct is a mean
-                v = values[at]
+            elif w[0] is extra:
+                direct_values.append(extra_values[w[1]])
+            else:  # reduced with the FLR reduction; Direct is a mean
+                v = values[w[1]]
                 direct_values.append(v / len(p.sequences[0].reply_targets) if reduction == "sum" else v)
         return results, direct_values
 
