@@ -11,6 +11,7 @@ import torch
 from tiny import make_model, make_tokenizer
 
 from flr_engine import FLRScorer
+from flr_engine.engine.backend import scored_logprobs
 from flr_engine.templates import Dimension, TemplateSet
 
 CONVS = [
@@ -47,6 +48,8 @@ def test_engine_equals_reference(arch, family, opts):
     stats = scorer.backend.last_stats
     assert stats["packs"] > 1  # the budget split the work
     assert stats["unique_tokens"] < stats["total_tokens"] / 3  # prefixes really shared
+    if opts.get("mode") != "official":  # follow-ups' first tokens share one softmax pass
+        assert stats["normalisers"] < stats["scored"]
     assert_same(ref, eng)
 
 
@@ -133,3 +136,24 @@ def test_prefix_cache_baseline_equals_reference(arch, family):
     ref = FLRScorer(model, tok, templates="flr-mixed", engine="reference").score(CONVS, REPLIES)
     base = FLRScorer(model, tok, templates="flr-mixed", engine="hf-prefix-cache", engine_kwargs={"batch_size": 7})
     assert_same(ref, base.score(CONVS, REPLIES))
+
+
+@pytest.mark.parametrize("bias, scale, softcap", [(False, 1.0, None), (True, 0.25, None), (True, 1.5, 3.0)])
+def test_scored_logprobs_share_parent_normalisers(bias, scale, softcap):
+    """One softmax pass per unique parent, row-wise target logits: equals a full
+    log_softmax of every scored node's parent, with the head's bias / scale / softcap."""
+    g = torch.Generator().manual_seed(0)
+    V, H = 300, 16
+    w = torch.randn(V, H, generator=g)
+    b = torch.randn(V, generator=g) if bias else None
+    h = torch.randn(10, H, generator=g)
+    parent = torch.tensor([0, 0, 0, 3, 3, 7, 9, 9, 9, 9])  # siblings under 0, 3 and 9
+    ids = torch.randint(0, V, (10,), generator=g)
+    z = h[parent] @ w.T + (b if bias else 0)
+    z = z * scale
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    want = torch.log_softmax(z.double(), -1).gather(1, ids[:, None])[:, 0]
+    got = scored_logprobs((w, b, scale, softcap), h, parent, ids)
+    assert got.dtype == torch.float32 and got.shape == (10,)
+    assert torch.allclose(got.double(), want, atol=1e-5)

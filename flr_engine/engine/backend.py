@@ -9,7 +9,8 @@ For a batch of rendered sequences (conversation -> replies -> follow-ups):
 2. run the decoder once per pack with tree attention (token i attends to its ancestors,
    ``j <= i < subtree_end[j]``), giving final hidden states ``h`` (T, H);
 3. score only what is needed: the unique scored trie nodes ``u`` (a token shared by many
-   sequences in the same context has one log-prob) through the fused gathered log-prob::
+   sequences in the same context has one log-prob), with one fused full-vocabulary pass per
+   unique *parent* (siblings share the softmax normaliser)::
 
        lp[u] = log_softmax(lm_head(h[parent[u]]))[input_ids[u]]       never (T, V) logits
 
@@ -42,6 +43,46 @@ def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None, float, flo
         scale /= float(text_cfg.logits_scaling)
     softcap = getattr(text_cfg, "final_logit_softcapping", None)
     return head.weight, getattr(head, "bias", None), scale, softcap
+
+
+def target_logits(head: tuple, h: torch.Tensor, ids: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """Row-wise raw logits ``z[u] = h[u] . W[ids[u]]`` (+ bias / scale / softcap of ``head``,
+    see :func:`lm_head_params`), fp32 (U,) for h (U, H) and ids (U,); in row blocks, so no
+    (U, H) fp32 copy of W is built."""
+    w, b, scale, softcap = head
+    out = torch.empty(len(ids), dtype=torch.float32, device=h.device)
+    for r0 in range(0, len(ids), rows):
+        hi, ti = h[r0 : r0 + rows].float(), ids[r0 : r0 + rows]
+        out[r0 : r0 + rows] = (hi * w[ti].float()).sum(-1)
+    if b is not None:
+        out += b[ids].float()
+    out *= scale
+    return softcap * torch.tanh(out / softcap) if softcap else out
+
+
+def scored_logprobs(
+    head: tuple, h: torch.Tensor, parent: torch.Tensor, ids: torch.Tensor, impl: str = "auto"
+) -> torch.Tensor:
+    """``lp[u] = log p(ids[u] | node parent[u])`` for the scored trie nodes, (U,) fp32;
+    ``h`` (T, H) the pack's hidden states, ``parent`` / ``ids`` (U,).
+
+    Siblings share their parent's softmax normaliser (the first tokens of all follow-ups
+    hang off one user-turn header), so the full-vocabulary pass runs once per *unique*
+    parent (about 17% fewer rows with the paper's template set)::
+
+        lse[p] = logsumexp_v z(h[p])_v                   P unique parents, fused op
+        lp[u]  = z(h[parent[u]])_{ids[u]} - lse[parent[u]]
+    """
+    from flr_engine.ops.fused_logprob import flr_gathered_logprob
+
+    w, b, scale, softcap = head
+    uniq, inv = torch.unique(parent, return_inverse=True)  # (P,), (U,)
+    any_child = torch.empty_like(uniq).scatter_(0, inv, ids)  # a valid target per parent
+    _, lse = flr_gathered_logprob(
+        h[uniq], w, any_child, bias=b, logit_scale=scale, softcap=softcap, impl=impl,
+        return_lse=True,
+    )  # fmt: skip
+    return target_logits(head, h[parent], ids) - lse[inv]
 
 
 class EngineBackend:
@@ -96,12 +137,15 @@ class EngineBackend:
     def sequence_scores(
         self, seqs: list[ScoredSequence], mode: str = "likelihood", reduction: str = "mean"
     ) -> list[float]:
-        from flr_engine.ops.fused_logprob import flr_gathered_logprob
-
         result = pack_sequences([s.ids for s in seqs], self.token_budget)
         out = [0.0] * len(seqs)
-        w, b, scale, softcap = self.head
-        stats = {"packs": len(result.packs), "unique_tokens": 0, "total_tokens": 0, "scored": 0}
+        stats = {
+            "packs": len(result.packs),
+            "unique_tokens": 0,
+            "total_tokens": 0,
+            "scored": 0,  # unique scored trie nodes (one log-prob each)
+            "normalisers": 0,  # full-vocabulary softmax passes (one per unique parent)
+        }
         for pack in result.packs:
             stats["unique_tokens"] += pack.num_unique
             stats["total_tokens"] += pack.num_total
@@ -117,16 +161,10 @@ class EngineBackend:
             scored = [result.nodes_of(si)[torch.tensor(seqs[si].targets)] for si in idx]
             nodes, inverse = torch.unique(torch.cat(scored), return_inverse=True)
             stats["scored"] += len(nodes)
-            parent = pack.parent[nodes]
-            lp = flr_gathered_logprob(
-                h[parent.to(h.device)],
-                w,
-                pack.input_ids[nodes].to(h.device),
-                bias=b,
-                logit_scale=scale,
-                softcap=softcap,
-                impl=self.logprob_impl,
-            ).cpu()  # (U,) fp32
+            parent = pack.parent[nodes].to(h.device)
+            stats["normalisers"] += int(torch.unique(parent).numel())
+            ids = pack.input_ids[nodes].to(h.device)
+            lp = scored_logprobs(self.head, h, parent, ids, self.logprob_impl).cpu()  # (U,) fp32
             per_token = lp[inverse]
             seg = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([len(x) for x in scored]))
             sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, seg, per_token.double())
