@@ -5,9 +5,10 @@
 For every set with rows in both ``--out`` folders, on the rows both have:
 
 - pairwise: how often FLR and Direct pick the same reply; the largest and median
-  ``|reward_A - reward_B|``; and, over all of B's rows, how many pairs have a FLR margin
-  ``|r_chosen - r_rejected|`` under twice that largest difference (the only pairs whose
-  decision such a difference could flip);
+  ``|reward_A - reward_B|``; and over all of B's rows (A may hold only a slice) the expected
+  number of FLR choices that A would make differently: with ``d_j`` the margin differences
+  ``m_A - m_B`` on the common rows (``m = r_chosen - r_rejected``), pair ``i`` of B flips
+  with probability ``mean_j [(m_i + d_j) * m_i < 0]``;
 - rating: Spearman between A's and B's rewards, and the same reward differences.
 """
 
@@ -41,9 +42,14 @@ def compare_set(a: dict[int, dict], b: dict[int, dict]) -> dict:
                 if a[n]["chosen"][key] is not None and b[n]["chosen"][key] is not None
             )
             out[f"same_{name}"] = same
-        margins = np.array([abs(r["chosen"]["reward"] - r["rejected"]["reward"]) for r in b.values()])
-        out["b_rows"] = len(margins)
-        out["b_close"] = int((margins < 2 * out["max_diff"]).sum())
+        def margin(r):
+            return r["chosen"]["reward"] - r["rejected"]["reward"]
+
+        d = np.array([margin(a[n]) - margin(b[n]) for n in common])  # (common,)
+        m = np.array([margin(r) for r in b.values()])  # (B rows,)
+        flips = ((m[:, None] + d[None, :]) * m[:, None] < 0).mean(axis=1)  # (B rows,)
+        out["b_rows"] = len(m)
+        out["expected_flips"] = float(flips.sum())
     else:
         out["spearman"] = float(
             spearmanr([a[n]["response"]["reward"] for n in common], [b[n]["response"]["reward"] for n in common])[0]
@@ -71,8 +77,8 @@ def main() -> None:
         if "same_flr" in r:
             line += (
                 f"; same FLR choice {r['same_flr']}/{r['common']}, same Direct choice "
-                f"{r['same_direct']}/{r['common']}; B pairs with margin < 2 x max diff: "
-                f"{r['b_close']}/{r['b_rows']}"
+                f"{r['same_direct']}/{r['common']}; expected FLR choices to differ over B's "
+                f"{r['b_rows']} pairs: {r['expected_flips']:.1f}"
             )
         else:
             line += f"; Spearman(A, B) {r['spearman']:.4f}"

@@ -31,8 +31,10 @@ def test_pairwise_agreement_by_hand(agreement):
     r = agreement.compare_set(a, b)
     assert r["common"] == 3 and r["same_flr"] == 2 and r["same_direct"] == 3
     assert r["max_diff"] == pytest.approx(0.02) and r["median_diff"] == pytest.approx(0.0)
-    # B's margins 0.11, 0.05, 0.01, 0.01 against 2 x 0.02: two could flip
-    assert r["b_rows"] == 4 and r["b_close"] == 2
+    # margin differences A - B on the common rows: d = (-0.01, 0, +0.02). B's margins
+    # 0.11, -0.05, -0.01, 0.01 flip sign under d with probability 0, 0, 1/3 (-0.01 + 0.02),
+    # 0 (0.01 - 0.01 = 0 is no flip)
+    assert r["b_rows"] == 4 and r["expected_flips"] == pytest.approx(1 / 3)
 
 
 def test_rating_agreement_and_cli(agreement, tmp_path, capsys, monkeypatch):
