@@ -106,11 +106,13 @@ class ResumableWriter:
     A sidecar ``<output>.meta.json`` records the settings of the run; resuming with other
     settings raises instead of mixing incompatible results in one file. While open, the
     writer holds ``<output>.lock``: a second process on the same output gets
-    :class:`OutputBusyError` instead of appending the same lines twice.
+    :class:`OutputBusyError` instead of appending the same lines twice. ``out_flag`` is the
+    command-line option that names the output, for the hint in the settings error.
     """
 
-    def __init__(self, path: str, settings: dict, resume: bool = True):
+    def __init__(self, path: str, settings: dict, resume: bool = True, out_flag: str = "--output"):
         self.path = path
+        self.out_flag = out_flag
         self.meta_path = path + ".meta.json"
         self.done: set[int] = set()
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -142,7 +144,7 @@ class ResumableWriter:
         if diff:
             lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise ValueError(
-                f"{self.path} was written with other settings ({lines}); use another --output "
+                f"{self.path} was written with other settings ({lines}); use another {self.out_flag} "
                 "or --overwrite"
             )
 

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 
 import numpy as np
 from scipy.stats import spearmanr
 
+from flr_engine.evaluation.run import _read_rows
+
 
 def read_rows(path: str) -> dict[int, dict]:
-    with open(path, encoding="utf-8") as fh:
-        return {r["line"]: r for r in map(json.loads, fh) if "error" not in r}
+    """The scored rows of an eval rows file (a torn last line of a running eval is skipped)."""
+    return {n: r for n, r in _read_rows(path).items() if "error" not in r}
 
 
 def compare_set(a: dict[int, dict], b: dict[int, dict]) -> dict:

@@ -154,6 +154,6 @@ def test_scored_logprobs_share_parent_normalisers(bias, scale, softcap):
     if softcap:
         z = softcap * torch.tanh(z / softcap)
     want = torch.log_softmax(z.double(), -1).gather(1, ids[:, None])[:, 0]
-    got = scored_logprobs((w, b, scale, softcap), h, parent, ids)
+    got, _ = scored_logprobs((w, b, scale, softcap), h, parent, ids)
     assert got.dtype == torch.float32 and got.shape == (10,)
     assert torch.allclose(got.double(), want, atol=1e-5)

@@ -62,9 +62,10 @@ def target_logits(head: tuple, h: torch.Tensor, ids: torch.Tensor, rows: int = 4
 
 def scored_logprobs(
     head: tuple, h: torch.Tensor, parent: torch.Tensor, ids: torch.Tensor, impl: str = "auto"
-) -> torch.Tensor:
-    """``lp[u] = log p(ids[u] | node parent[u])`` for the scored trie nodes, (U,) fp32;
-    ``h`` (T, H) the pack's hidden states, ``parent`` / ``ids`` (U,).
+) -> tuple[torch.Tensor, int]:
+    """``lp[u] = log p(ids[u] | node parent[u])`` for the scored trie nodes, (U,) fp32, and
+    P, the number of softmax normalisers computed; ``h`` (T, H) the pack's hidden states,
+    ``parent`` / ``ids`` (U,).
 
     Siblings share their parent's softmax normaliser (the first tokens of all follow-ups
     hang off one user-turn header), so the full-vocabulary pass runs once per *unique*
@@ -82,7 +83,7 @@ def scored_logprobs(
         h[uniq], w, any_child, bias=b, logit_scale=scale, softcap=softcap, impl=impl,
         return_lse=True,
     )  # fmt: skip
-    return target_logits(head, h[parent], ids) - lse[inv]
+    return target_logits(head, h[parent], ids) - lse[inv], len(uniq)
 
 
 class EngineBackend:
@@ -162,9 +163,10 @@ class EngineBackend:
             nodes, inverse = torch.unique(torch.cat(scored), return_inverse=True)
             stats["scored"] += len(nodes)
             parent = pack.parent[nodes].to(h.device)
-            stats["normalisers"] += int(torch.unique(parent).numel())
             ids = pack.input_ids[nodes].to(h.device)
-            lp = scored_logprobs(self.head, h, parent, ids, self.logprob_impl).cpu()  # (U,) fp32
+            lp, n_norm = scored_logprobs(self.head, h, parent, ids, self.logprob_impl)  # (U,) fp32
+            stats["normalisers"] += n_norm
+            lp = lp.cpu()
             per_token = lp[inverse]
             seg = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([len(x) for x in scored]))
             sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, seg, per_token.double())

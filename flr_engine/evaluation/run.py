@@ -135,15 +135,6 @@ def _texts_hash(texts: list[str]) -> str:
     return hashlib.sha1("\x00".join(texts).encode()).hexdigest()[:16]
 
 
-def _writer(path: str, settings: dict, resume: bool) -> ResumableWriter:
-    try:
-        return ResumableWriter(path, settings, resume=resume)
-    except OutputBusyError:
-        raise
-    except ValueError as exc:
-        raise ValueError(str(exc).replace("another --output", "another --out")) from None
-
-
 # ---------------------------------------------------------------- scoring
 
 
@@ -435,7 +426,9 @@ def evaluate_set(
     computed = 0
     if items:
         try:
-            rows_writer = _writer(paths["rows"], row_settings, resume=not cfg.overwrite)
+            rows_writer = ResumableWriter(
+                paths["rows"], row_settings, resume=not cfg.overwrite, out_flag="--out"
+            )
         except OutputBusyError as exc:  # another `flr eval` on the same --out has this set
             log.warning("set %s skipped here: %s", es.name, exc)
             return {"name": es.name, "path": es.path, "busy": True}
@@ -465,7 +458,7 @@ def evaluate_set(
         if get_rm is not None and paths["rm"]:
             rm_settings = {k: row_settings[k] for k in ("data", "data_sha1")}
             rm_settings["reward_model"] = cfg.reward_model
-            with _writer(paths["rm"], rm_settings, resume=not cfg.overwrite) as w:
+            with ResumableWriter(paths["rm"], rm_settings, resume=not cfg.overwrite, out_flag="--out") as w:
                 todo = [it for it in items if it.line not in w.done]
                 for it in tqdm(todo, desc=f"rm {es.name}", unit=unit, disable=cfg.quiet):
                     rec = {"line": it.line}
