@@ -337,8 +337,8 @@ def mine(
     stats = MineStats(prompts=len(prompts))
     skipped_path = out_path + ".skipped.jsonl"
     with (
-        ResumableWriter(out_path, settings, resume=resume) as out,
-        ResumableWriter(skipped_path, settings, resume=resume) as skipped,
+        ResumableWriter(out_path, settings, resume=resume, out_flag="--out") as out,
+        ResumableWriter(skipped_path, settings, resume=resume, out_flag="--out") as skipped,
     ):
         done = out.done | skipped.done
         todo = [p for p in prompts if p.line not in done]

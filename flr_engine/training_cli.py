@@ -233,7 +233,7 @@ def cmd_generate(args) -> int:
     max_pos = getattr(lm.model.config, "max_position_embeddings", None)
     log.info("policy %s loaded in %.1fs", args.policy, time.time() - t0)
     written = 0
-    with ResumableWriter(args.out, settings, resume=not args.overwrite) as out:
+    with ResumableWriter(args.out, settings, resume=not args.overwrite, out_flag="--out") as out:
         bar = tqdm(total=len(prompts), initial=sum(p.line in out.done for p in prompts),
                    unit="prompt", desc="flr generate", disable=args.quiet)  # fmt: skip
         for start in range(0, len(prompts), args.batch_prompts):
