@@ -246,3 +246,18 @@ def test_reward_model_column(tiny_model_dir, tmp_path, capsys):
     assert res["sets"]["p"]["methods"]["rm"]["accuracy"]["n"] == 2
     rows = [json.loads(x) for x in open(tmp_path / "o" / "sets" / "p.rm.jsonl")]
     assert [r["line"] for r in rows] == [1, 3] and isinstance(rows[0]["chosen"], float)
+
+
+def test_data_option_and_default_out(first, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`--data FILE_OR_DIR` (the documented spelling) reads the same sets as positional
+    inputs; without --out the results go to runs/eval under the working directory."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "eval", "--data", str(first["data"] / "pairs.jsonl"), "--model",
+                 str(tiny_model_dir), "--templates", "flr-mixed", "--engine", "reference",
+                 "--limit", "3", "--bootstrap", "50", "--no-figure"]) == 0
+    mine = json.load(open(tmp_path / "runs" / "eval" / "results.json"))["sets"]["pairs"]
+    theirs = json.load(open(first["out"] / "results.json"))["sets"]["pairs"]
+    assert mine["methods"] == theirs["methods"] and mine["n"] == 3
+    capsys.readouterr()
+    assert main(["-q", "eval", "--model", str(tiny_model_dir)]) == 2
+    assert "no inputs" in capsys.readouterr().err

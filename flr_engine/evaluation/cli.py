@@ -12,8 +12,11 @@ import sys
 
 log = logging.getLogger("flr_engine")
 
+DEFAULT_OUT = "runs/eval"
+
 EVAL_EXAMPLES = """examples:
-  flr eval ../shared/data/pairwise --out runs/eval --limit 200
+  flr eval ../shared/data/pairwise --limit 200          # results in runs/eval
+  flr eval --data ../shared/data/rating --out runs/rating
   flr eval ../shared/data --out runs/all --model ./my-model
   flr eval prefs.jsonl ../shared/data/rating/fed-turn.jsonl.gz --out runs/x --reward-model ./rm
   flr eval ../shared/data/pairwise --out runs/cal \
@@ -52,8 +55,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         epilog=EVAL_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("data", nargs="+", help=".jsonl(.gz) files or folders of them")
-    p.add_argument("--out", required=True, help="folder for results (resumable)")
+    p.add_argument("data", nargs="*", help=".jsonl(.gz) files or folders of them")
+    p.add_argument("--data", dest="data_opt", action="extend", nargs="+", default=[],
+                   metavar="FILE_OR_DIR", help="more inputs (the same as giving them positionally)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"folder for results (resumable; default {DEFAULT_OUT})")
     p.add_argument("--limit", type=int, default=None, help="first N non-tie rows per set")
     p.add_argument("--batch-size", type=int, default=4, help="rows scored per backend call")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
@@ -89,6 +95,10 @@ def cmd_eval(args) -> int:
     from flr_engine.io import RowError
     from flr_engine.templates import load_templates
 
+    args.data = [*args.data, *args.data_opt]
+    if not args.data:
+        raise ValueError("flr eval: no inputs; give .jsonl(.gz) files or folders, "
+                         "positionally or with --data")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if args.batch_size < 1:
