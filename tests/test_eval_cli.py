@@ -200,6 +200,11 @@ def test_calibration_reports_only_other_sets(tiny_model_dir, tmp_path, capsys):
     res = json.load(open(tmp_path / "o" / "results.json"))
     cal = res["calibration"]
     assert cal["fit_on"] == "a" and list(cal["transfer"]) == ["b"] and len(cal["weights"]) == 39
+    # the fit set's own figure is its held-out (cross-validated) accuracy at the chosen lambda
+    chosen = [c for c in cal["cv"] if c["lam"] == cal["lam"]]
+    assert len(chosen) == 1 and cal["cv_accuracy"] == chosen[0]["accuracy"]
+    assert (2 * 5 * cal["cv_accuracy"]) % 1 == 0  # 5 pairs, a score tie counts 0.5
+    assert f"held-out accuracy on a itself (5-fold CV): {100 * cal['cv_accuracy']:.1f}%" in text
     assert not (tmp_path / "o" / "eval.png").exists()
     # too few pairs to fit: the rest of the report stands (rows are reused, not rescored)
     args[1] = "3"

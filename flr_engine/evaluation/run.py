@@ -521,6 +521,8 @@ def run_calibration(
         "lam": cal["lam"],
         "folds": cal["folds"],
         "cv": cal["cv"],
+        # held-out accuracy on the fit set itself, at the chosen lambda (k-fold CV)
+        "cv_accuracy": next(c["accuracy"] for c in cal["cv"] if c["lam"] == cal["lam"]),
         "weights": dict(zip(texts, cal["weights"])),
         "top": [{"text": texts[i], "weight": float(w[i])} for i in order[:10]],
         "transfer": {},
@@ -725,6 +727,9 @@ def markdown_report(res: dict) -> str:
         lines += [
             f"### Calibration: per-template logistic weights fit on {cal['fit_on']} "
             f"(n={cal['n']}, lambda={cal['lam']:g} by {cal['folds']}-fold CV)",
+            "",
+            f"held-out accuracy on {cal['fit_on']} itself ({cal['folds']}-fold CV): "
+            f"{100 * cal['cv_accuracy']:.1f}%; the FLR-cal column shows the other sets",
             "",
             "largest weights: "
             + ", ".join(f"{t['text']!r} {t['weight']:+.2f}" for t in cal["top"][:5]),
