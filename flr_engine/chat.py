@@ -31,6 +31,9 @@ class InputError(ValueError):
         self.message, self.field = message, field
         super().__init__(f"field '{field}': {message}" if field else message)
 
+    def __reduce__(self):  # picklable with its field (for worker processes)
+        return type(self), (self.message, self.field)
+
 
 class ContextTooLongError(InputError):
     pass

@@ -19,9 +19,12 @@ class RowError(ValueError):
     """A bad input row: ``path:line: field: message``."""
 
     def __init__(self, path: str, line: int, field: str | None, message: str):
-        self.path, self.line, self.field = path, line, field
+        self.path, self.line, self.field, self.message = path, line, field, message
         where = f"{path}:{line}" + (f": field '{field}'" if field else "")
         super().__init__(f"{where}: {message}")
+
+    def __reduce__(self):  # picklable (raised in `flr eval --workers` processes)
+        return type(self), (self.path, self.line, self.field, self.message)
 
 
 def _open(path: str):

@@ -7,6 +7,7 @@ standalone (``python -m flr_engine.evaluation.cli eval ...``).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 
@@ -62,6 +63,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"folder for results (resumable; default {DEFAULT_OUT})")
     p.add_argument("--limit", type=int, default=None, help="first N non-tie rows per set")
     p.add_argument("--batch-size", type=int, default=4, help="rows scored per backend call")
+    p.add_argument("--workers", type=int, default=1,
+                   help="score in N processes, each with its own model and 1/N of the torch "
+                   "threads (on CPU, 2 one-thread processes beat 1 two-thread one: see "
+                   "docs/evaluation.md); rows and results are the same")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--level", type=float, default=0.95, help="interval level")
     p.add_argument("--seed", type=int, default=0, help="seed of bootstrap, random baseline, CV")
@@ -101,6 +106,8 @@ def cmd_eval(args) -> int:
                          "positionally or with --data")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     dims = args.dimensions.split(",") if args.dimensions else None
@@ -128,13 +135,15 @@ def cmd_eval(args) -> int:
         overwrite=args.overwrite,
         quiet=getattr(args, "quiet", False),
         figure=not args.no_figure,
+        workers=args.workers,
     )
     rm_factory = None
     if args.reward_model:
         def rm_factory():
             return RewardModelScorer(args.reward_model, device=args.device, dtype=args.dtype)
 
-    res = run_eval(sets, cfg, templates, lambda: _scorer_from_args(args), rm_factory)
+    # a partial, not a lambda: --workers sends the factory to other processes
+    res = run_eval(sets, cfg, templates, functools.partial(_scorer_from_args, args), rm_factory)
     print(res["markdown"], end="")
     print(f"\nwrote {', '.join(res['files'].values())} ({res['seconds']:.1f}s)")
     return 0

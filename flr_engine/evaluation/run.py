@@ -30,7 +30,9 @@ Files in ``out`` (resumable; a rerun skips what is done)::
 A set whose ``result.json`` matches the current settings is not recomputed; an interrupted
 set resumes from its ``rows.jsonl``. Calibration (``calibrate_on``) fits per-template
 weights on one pairwise set (:func:`~flr_engine.evaluation.metrics.calibrate`) and reports
-the calibrated reward ``sum_t w_t lp(t)`` on the *other* sets only.
+the calibrated reward ``sum_t w_t lp(t)`` on the *other* sets only. With ``workers > 1``
+the batches are scored in that many processes (:mod:`flr_engine.evaluation.parallel`);
+a row's ``seconds`` is then its worker's time, so a set's total is summed over workers.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class EvalConfig:
     overwrite: bool = False
     quiet: bool = False
     figure: bool = True
+    workers: int = 1  # > 1: score in that many processes (see flr_engine.evaluation.parallel)
 
 
 class _Lazy:
@@ -386,12 +389,22 @@ def _paths(cfg: EvalConfig, name: str) -> dict:
     }
 
 
+def _score_serially(get_scorer: Callable, batches: list[list], es: EvalSet, on_error: str):
+    """Yield ``(records, seconds)`` per batch, scored in this process."""
+    for batch in batches:
+        scorer = get_scorer()  # loaded once, before the clock starts
+        t0 = time.time()
+        recs = score_batch(scorer, batch, es, on_error)
+        yield recs, time.time() - t0
+
+
 def evaluate_set(
     es: EvalSet,
     cfg: EvalConfig,
     templates: TemplateSet,
     get_scorer: Callable,
     get_rm: Callable | None = None,
+    pool=None,
 ) -> dict:
     """Score (or resume) one set and compute its metrics; reuse a finished result."""
     from tqdm import tqdm
@@ -445,15 +458,16 @@ def evaluate_set(
                 desc=f"eval {es.name}",
                 disable=cfg.quiet,
             )
-            for i in range(0, len(todo), cfg.batch_size):
-                batch = todo[i : i + cfg.batch_size]
-                scorer = get_scorer()  # loaded once, before the clock starts
-                t_batch = time.time()
-                recs = score_batch(scorer, batch, es, cfg.on_error)
-                per_row = round((time.time() - t_batch) / max(1, len(recs)), 4)
+            batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+            if pool is not None:  # a batch's seconds are its worker's time
+                scored = pool.score(batches, es.path, cfg.on_error)
+            else:
+                scored = _score_serially(get_scorer, batches, es, cfg.on_error)
+            for recs, seconds in scored:
+                per_row = round(seconds / max(1, len(recs)), 4)
                 w.write([{**r, "seconds": per_row} for r in recs])
-                computed += len(batch)
-                bar.update(len(batch))
+                computed += len(recs)
+                bar.update(len(recs))
             bar.close()
         if get_rm is not None and paths["rm"]:
             rm_settings = {k: row_settings[k] for k in ("data", "data_sha1")}
@@ -564,12 +578,24 @@ def run_eval(
     get_rm = _Lazy(rm_factory) if rm_factory is not None and cfg.reward_model else None
     results = {}
     busy = []  # sets another process is scoring into the same --out: left out of this report
-    for es in sets:
-        r = evaluate_set(es, cfg, templates, get_scorer, get_rm)
-        if r.get("busy"):
-            busy.append(es.name)
-        else:
-            results[es.name] = r
+    pool = None
+    if cfg.workers > 1:
+        import torch
+
+        from flr_engine.evaluation.parallel import ScoringPool
+
+        threads = max(1, torch.get_num_threads() // cfg.workers)
+        pool = ScoringPool(scorer_factory, cfg.workers, threads, cfg.quiet)
+    try:
+        for es in sets:
+            r = evaluate_set(es, cfg, templates, get_scorer, get_rm, pool)
+            if r.get("busy"):
+                busy.append(es.name)
+            else:
+                results[es.name] = r
+    finally:
+        if pool is not None:
+            pool.close()
     out = {
         "settings": {
             **cfg.scoring,
@@ -579,7 +605,9 @@ def run_eval(
             "level": cfg.level,
             "reward_model": cfg.reward_model,
             "calibrate_on": cfg.calibrate_on,
-            "engine": getattr(get_scorer.obj, "engine_name", None),
+            "engine": getattr(get_scorer.obj, "engine_name", None)
+            or getattr(pool, "engine_name", None),
+            "workers": cfg.workers,
         },
         "sets": results,
         "busy": busy,
