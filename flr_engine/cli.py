@@ -279,16 +279,20 @@ def _quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
 
 
+def setup_logging(level: int, quiet: bool) -> None:
+    """The command line's log format at ``level``; ``quiet`` also silences library bars
+    (also used by ``flr eval --workers`` processes)."""
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    if quiet:
+        _quiet_libraries()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    if args.quiet:
-        _quiet_libraries()
+    setup_logging(logging.WARNING if args.quiet else logging.INFO, args.quiet)
     try:
         return args.func(args)
     except (RowError, InputError, FileNotFoundError, ValueError, ModelLoadError) as exc:

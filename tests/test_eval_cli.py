@@ -270,7 +270,7 @@ def test_data_option_and_default_out(first, tiny_model_dir, tmp_path, monkeypatc
 
 def test_workers_score_the_same_rows_as_one_process(first, tiny_model_dir, tmp_path):
     """--workers 2 (two spawned processes) writes the same per-row scores and the same
-    metrics as the single-process run, and resumes like it."""
+    metrics as the single-process run."""
     out = tmp_path / "w"
     pairs = first["data"] / "pairs.jsonl"
     assert run(tiny_model_dir, out, pairs, extra=["--workers", "2", "--batch-size", "1"]) == 0

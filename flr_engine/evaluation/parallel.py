@@ -26,16 +26,10 @@ def _init_worker(factory: Callable[[], object], threads: int, quiet: bool) -> No
     global _scorer
     import torch
 
-    torch.set_num_threads(threads)
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    if quiet:
-        from transformers.utils import logging as hf_logging
+    from flr_engine.cli import setup_logging
 
-        hf_logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    setup_logging(logging.WARNING, quiet)  # bad rows are logged; progress stays the parent's
     _scorer = factory()
 
 

@@ -46,6 +46,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -54,6 +55,9 @@ from flr_engine.evaluation import metrics as M
 from flr_engine.evaluation.data import EvalSet, PairItem
 from flr_engine.io import OutputBusyError, ResumableWriter, RowError
 from flr_engine.templates import TemplateSet
+
+if TYPE_CHECKING:
+    from flr_engine.evaluation.parallel import ScoringPool
 
 log = logging.getLogger("flr_engine.eval")
 
@@ -404,7 +408,7 @@ def evaluate_set(
     templates: TemplateSet,
     get_scorer: Callable,
     get_rm: Callable | None = None,
-    pool=None,
+    pool: ScoringPool | None = None,
 ) -> dict:
     """Score (or resume) one set and compute its metrics; reuse a finished result."""
     from tqdm import tqdm
