@@ -82,6 +82,7 @@ cmdclass.update(cuda_cmdclass)
 setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    # flr_engine/kernels is a link to the top-level kernels/ (no __init__.py there, so that
+    # folder can never shadow an installed package named `kernels` from the repository root)
     packages=find_packages(include=["flr_engine", "flr_engine.*"]) + ["flr_engine.kernels"],
-    package_dir={"flr_engine.kernels": "kernels"},
 )
