@@ -15,7 +15,7 @@ import sys
 import time
 
 from flr_engine.chat import InputError
-from flr_engine.io import ResumableWriter, RowError, parse_score_row, read_jsonl
+from flr_engine.io import ResumableWriter, RowError, input_files, parse_score_row, read_jsonl
 from flr_engine.models import ModelLoadError
 
 log = logging.getLogger("flr_engine")
@@ -115,7 +115,10 @@ def cmd_score(args) -> int:
         time.time() - t0,
         scorer.engine_name,
     )
-    with ResumableWriter(args.output, settings, resume=not args.overwrite) as out:
+    from flr_engine.models import model_files
+
+    inputs = input_files(args.input, args.templates, args.chat_template) + model_files(args.model)
+    with ResumableWriter(args.output, settings, resume=not args.overwrite, inputs=inputs) as out:
         todo = [r for r in rows if r.line not in out.done]
         if len(todo) < len(rows):
             log.info(

@@ -607,7 +607,22 @@ def train_dpo(
     ``settings``: extra run settings (model, data path, ...) stored with the config; a resume
     with different ones is refused. ``stop_after``: return after that many optimizer steps
     without saving a final model (an interruption; the run resumes from its checkpoints).
+    A second run on the same folder (by any path) is refused while this one holds it.
     """
+    from flr_engine.io import _lock_exclusive
+
+    os.makedirs(out_dir, exist_ok=True)
+    lock = _lock_exclusive(os.path.join(os.path.realpath(out_dir), "run"))  # one writer per folder
+    try:
+        return _train_dpo(model, tokenizer, pairs, out_dir, cfg, resume, overwrite, settings,
+                          skipped_ties, progress, stop_after)  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train_dpo(model, tokenizer, pairs, out_dir, cfg, resume, overwrite, settings, skipped_ties,
+               progress, stop_after) -> DPOResult:  # fmt: skip
     from tqdm import tqdm
 
     t0 = time.time()

@@ -4,14 +4,25 @@ Every bad input row raises :class:`RowError` naming the file, the 1-based line a
 field. Output is written row by row (flushed and fsynced per batch); on resume, rows
 already in the output are skipped and a torn last line (an interrupted write) is dropped,
 so nothing that was completely written is ever lost or duplicated.
+
+What an output promises (:class:`ResumableWriter`, used by every command that writes rows):
+
+* it never destroys a file it did not create: an output that resolves (after symlinks) to
+  one of the job's inputs is refused, and so is an existing file without this tool's
+  metadata sidecar, unless the user passes ``--overwrite``;
+* it resumes only the same computation: the sidecar holds the job's settings, the
+  flr-engine version and the sha256 of every input file (rows, templates, calibration,
+  model weights); any difference stops the run with a message naming it;
+* one writer at a time: an exclusive lock keyed on the resolved path.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -84,6 +95,33 @@ class OutputBusyError(ValueError):
     """Another process is writing the same output file."""
 
 
+class OutputConflictError(ValueError):
+    """The output cannot be written or resumed without losing or mixing data."""
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes (cached per process by path, size and mtime)."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = (real, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(real, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def input_files(*candidates: str | None) -> list[str]:
+    """The candidates that are existing files (built-in template names, hub ids and None
+    are not files and carry no content of their own to hash)."""
+    return [c for c in candidates if c and os.path.isfile(c)]
+
+
 def _lock_exclusive(path: str):
     """Hold ``<path>.lock`` exclusively (advisory ``flock``, released when the process
     exits) or raise :class:`OutputBusyError`. No-op where ``fcntl`` is missing (Windows)."""
@@ -106,29 +144,53 @@ def _lock_exclusive(path: str):
 class ResumableWriter:
     """Append-only JSONL results keyed by input line; knows which lines are done.
 
-    A sidecar ``<output>.meta.json`` records the settings of the run; resuming with other
-    settings raises instead of mixing incompatible results in one file. While open, the
-    writer holds ``<output>.lock``: a second process on the same output gets
-    :class:`OutputBusyError` instead of appending the same lines twice. ``out_flag`` is the
-    command-line option that names the output, for the hint in the settings error.
+    A sidecar ``<output>.meta.json`` records the settings of the run, the flr-engine version
+    and the sha256 of each file in ``inputs``; resuming with any difference raises
+    :class:`OutputConflictError` instead of mixing incompatible results in one file. An
+    existing non-empty output without a readable sidecar is not resumed and not replaced
+    (it may be the user's own file) unless ``resume=False`` (``--overwrite``); an output
+    that is one of ``inputs`` is always refused. While open, the writer holds
+    ``<output>.lock`` (on the resolved path): a second process on the same output, by any
+    name, gets :class:`OutputBusyError`. ``out_flag`` names the output option in messages.
     """
 
-    def __init__(self, path: str, settings: dict, resume: bool = True, out_flag: str = "--output"):
+    def __init__(
+        self,
+        path: str,
+        settings: dict,
+        resume: bool = True,
+        out_flag: str = "--output",
+        inputs: Iterable[str] = (),
+    ):
+        from flr_engine import __version__
+
         self.path = path
         self.out_flag = out_flag
-        self.meta_path = path + ".meta.json"
+        real = os.path.realpath(path)
+        for src in inputs:
+            if os.path.realpath(src) == real:
+                raise OutputConflictError(
+                    f"{out_flag} {path} is the input file {src}: refusing to overwrite an "
+                    f"input; choose another {out_flag}"
+                )
+        self.meta_path = real + ".meta.json"
         self.done: set[int] = set()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._lock = _lock_exclusive(path)
+        self.settings = {
+            **settings,
+            "flr_engine_version": __version__,
+            "input_sha256": {os.path.abspath(p): file_sha256(p) for p in inputs},
+        }
+        os.makedirs(os.path.dirname(real), exist_ok=True)
+        self._lock = _lock_exclusive(real)
         try:
-            if resume and os.path.exists(path):
-                self._check_settings(settings)
+            if resume and os.path.exists(real) and os.path.getsize(real) > 0:
+                self._check_settings(self.settings)
                 self._load_done()
-            else:
-                open(path, "w").close()
+            else:  # a new output, an empty one, or --overwrite: start over
+                open(real, "w").close()
             with open(self.meta_path, "w") as fh:
-                json.dump(settings, fh, indent=1, sort_keys=True)
-            self._fh = open(path, "a", encoding="utf-8")
+                json.dump(self.settings, fh, indent=1, sort_keys=True)
+            self._fh = open(real, "a", encoding="utf-8")
         except BaseException:
             self._release()
             raise
@@ -139,16 +201,25 @@ class ResumableWriter:
             self._lock = None
 
     def _check_settings(self, settings: dict) -> None:
-        if not os.path.exists(self.meta_path):
-            return
-        with open(self.meta_path) as fh:
-            old = json.load(fh)
+        try:
+            with open(self.meta_path, encoding="utf-8") as fh:
+                old = json.load(fh)
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            why = "is missing" if isinstance(exc, FileNotFoundError) else f"is unreadable ({exc})"
+            raise OutputConflictError(
+                f"{self.path} exists but its metadata {self.meta_path} {why}: it is not an "
+                f"output this tool can resume (it may be your own file). Choose another "
+                f"{self.out_flag}, or pass --overwrite to replace it"
+            ) from None
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        diff |= {k: (v, None) for k, v in old.items() if k not in settings}
         if diff:
-            lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(
-                f"{self.path} was written with other settings ({lines}); use another {self.out_flag} "
-                "or --overwrite"
+            lines = "; ".join(_describe(k, a, b) for k, (a, b) in sorted(diff.items()))
+            raise OutputConflictError(
+                f"{self.path} was written by a different computation ({lines}); resuming would "
+                f"mix results. Use another {self.out_flag}, or --overwrite to start over"
             )
 
     def _load_done(self) -> None:
@@ -183,3 +254,15 @@ class ResumableWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _describe(key: str, old: object, new: object) -> str:
+    """One settings difference, readable: changed input files are named, not dumped."""
+    if key == "input_sha256" and isinstance(old, dict) and isinstance(new, dict):
+        changed = [p for p in new if p in old and old[p] != new[p]]
+        added = [p for p in new if p not in old]
+        gone = [p for p in old if p not in new]
+        parts = [f"{p} changed since" for p in changed]
+        parts += [f"{p} is new" for p in added] + [f"{p} no longer an input" for p in gone]
+        return "input files: " + ", ".join(parts)
+    return f"{key}: {old!r} -> {new!r}"

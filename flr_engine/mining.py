@@ -33,6 +33,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from flr_engine.chat import InputError, normalize_conversation
@@ -329,16 +330,20 @@ def mine(
     *,
     resume: bool = True,
     progress: bool = True,
+    inputs: Sequence[str] = (),
 ) -> MineStats:
     """Mine every prompt not yet in ``out_path`` (or its ``.skipped.jsonl`` sidecar); rows are
-    streamed to disk as they are made. ``settings`` are checked against a previous run's."""
+    streamed to disk as they are made. ``settings`` and the content of the ``inputs`` files
+    are checked against a previous run's."""
     from tqdm import tqdm
 
     stats = MineStats(prompts=len(prompts))
     skipped_path = out_path + ".skipped.jsonl"
     with (
-        ResumableWriter(out_path, settings, resume=resume, out_flag="--out") as out,
-        ResumableWriter(skipped_path, settings, resume=resume, out_flag="--out") as skipped,
+        ResumableWriter(out_path, settings, resume=resume, out_flag="--out", inputs=inputs) as out,
+        ResumableWriter(
+            skipped_path, settings, resume=resume, out_flag="--out", inputs=inputs
+        ) as skipped,
     ):
         done = out.done | skipped.done
         todo = [p for p in prompts if p.line not in done]

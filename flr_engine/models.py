@@ -181,3 +181,19 @@ def load(
         tok.chat_template = chat_template
     model.to(device).eval()
     return LoadedModel(model, tok, str(name_or_path))
+
+
+MODEL_FILE_PATTERNS = (
+    "config.json", "*.safetensors", "*.bin", "tokenizer.json", "tokenizer_config.json",
+    "chat_template.jinja", "adapter_config.json",
+)  # fmt: skip
+
+
+def model_files(name_or_path: str) -> list[str]:
+    """The local files that define a model's scores (config, weights, tokenizer, chat
+    template), for the content hashes a resumable job keeps; ``[]`` for a hub id, which
+    has no local identity (its name is recorded instead)."""
+    where = resolve(name_or_path)
+    if not isinstance(where, Path):
+        return []
+    return sorted({str(f) for pat in MODEL_FILE_PATTERNS for f in where.glob(pat) if f.is_file()})

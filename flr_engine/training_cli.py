@@ -158,8 +158,13 @@ def cmd_mine(args) -> int:
     log.info("models loaded in %.1fs; scoring with the %s backend", time.time() - t0,
              scorer.engine_name)  # fmt: skip
     miner = Miner(policy.model, policy.tokenizer, scorer, config)
+    from flr_engine.io import input_files
+    from flr_engine.models import model_files
+
+    inputs = input_files(args.prompts, args.templates, args.chat_template)
+    inputs += model_files(args.policy) + model_files(args.model or args.policy)
     stats = mine(miner, prompts, args.out, settings, resume=not args.overwrite,
-                 progress=not args.quiet)  # fmt: skip
+                 progress=not args.quiet, inputs=sorted(set(inputs)))  # fmt: skip
     log.info("flr mine: %s", stats.summary())
     if args.quiet:
         print(f"flr mine: {stats.summary()}", file=sys.stderr)
@@ -204,7 +209,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    from flr_engine.io import ResumableWriter
+    from flr_engine.io import ResumableWriter, input_files
     from flr_engine.mining import (
         prompt_ids,
         prompt_seed,
@@ -233,7 +238,12 @@ def cmd_generate(args) -> int:
     max_pos = getattr(lm.model.config, "max_position_embeddings", None)
     log.info("policy %s loaded in %.1fs", args.policy, time.time() - t0)
     written = 0
-    with ResumableWriter(args.out, settings, resume=not args.overwrite, out_flag="--out") as out:
+    from flr_engine.models import model_files
+
+    inputs = input_files(args.prompts, args.chat_template) + model_files(args.policy)
+    with ResumableWriter(
+        args.out, settings, resume=not args.overwrite, out_flag="--out", inputs=inputs
+    ) as out:
         bar = tqdm(total=len(prompts), initial=sum(p.line in out.done for p in prompts),
                    unit="prompt", desc="flr generate", disable=args.quiet)  # fmt: skip
         for start in range(0, len(prompts), args.batch_prompts):

@@ -177,7 +177,9 @@ def test_set_held_by_another_run_is_left_out_not_duplicated(first, tiny_model_di
     rows = out / "sets" / "pairs.rows.jsonl"
     before = rows.read_bytes()
     meta = json.load(open(str(rows) + ".meta.json"))
-    with ResumableWriter(str(rows), meta):  # "the other run"
+    inputs = list(meta.pop("input_sha256"))
+    meta.pop("flr_engine_version")
+    with ResumableWriter(str(rows), meta, inputs=inputs):  # "the other run", same computation
         assert run(tiny_model_dir, out, first["data"]) == 0
     text = capsys.readouterr().out
     assert "left out, being scored by another process: pairs" in text

@@ -53,7 +53,7 @@ import numpy as np
 from flr_engine.chat import InputError
 from flr_engine.evaluation import metrics as M
 from flr_engine.evaluation.data import EvalSet, PairItem
-from flr_engine.io import OutputBusyError, ResumableWriter, RowError
+from flr_engine.io import OutputBusyError, ResumableWriter, RowError, input_files
 from flr_engine.templates import TemplateSet
 
 if TYPE_CHECKING:
@@ -442,9 +442,15 @@ def evaluate_set(
     unit = "pair" if es.kind == "pairwise" else "row"
     computed = 0
     if items:
+        from flr_engine.models import model_files
+
+        inputs = input_files(
+            es.path, cfg.scoring.get("templates"), cfg.scoring.get("chat_template")
+        ) + model_files(cfg.scoring["model"])
         try:
             rows_writer = ResumableWriter(
-                paths["rows"], row_settings, resume=not cfg.overwrite, out_flag="--out"
+                paths["rows"], row_settings, resume=not cfg.overwrite, out_flag="--out",
+                inputs=inputs,
             )
         except OutputBusyError as exc:  # another `flr eval` on the same --out has this set
             log.warning("set %s skipped here: %s", es.name, exc)
@@ -476,7 +482,10 @@ def evaluate_set(
         if get_rm is not None and paths["rm"]:
             rm_settings = {k: row_settings[k] for k in ("data", "data_sha1")}
             rm_settings["reward_model"] = cfg.reward_model
-            with ResumableWriter(paths["rm"], rm_settings, resume=not cfg.overwrite, out_flag="--out") as w:
+            with ResumableWriter(
+                paths["rm"], rm_settings, resume=not cfg.overwrite, out_flag="--out",
+                inputs=input_files(es.path),
+            ) as w:
                 todo = [it for it in items if it.line not in w.done]
                 for it in tqdm(todo, desc=f"rm {es.name}", unit=unit, disable=cfg.quiet):
                     rec = {"line": it.line}
