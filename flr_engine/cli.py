@@ -15,7 +15,7 @@ import sys
 import time
 
 from flr_engine.chat import InputError
-from flr_engine.io import ResumableWriter, RowError, input_files, parse_score_row, read_jsonl
+from flr_engine.io import ResumableWriter, RowError, input_files, parse_score_row, read_rows
 from flr_engine.models import ModelLoadError
 
 log = logging.getLogger("flr_engine")
@@ -98,14 +98,10 @@ def cmd_score(args) -> int:
     from flr_engine.templates import load_templates
 
     load_templates(args.templates)  # fail fast on an unknown set, before loading a model
-    rows = []
-    for line, obj in read_jsonl(args.input):  # validate the whole file before any compute
-        try:
-            rows.append(parse_score_row(args.input, line, obj))
-        except RowError as exc:
-            if args.on_error == "fail":
-                raise
-            log.warning("skipping %s", exc)
+    # the whole file is validated before the model loads: every bad row is reported at once
+    rows, bad = read_rows(
+        args.input, parse_score_row, args.on_error, args.allow_empty, log=log.warning
+    )
     settings = {"input": args.input, **scoring_settings(args)}
     t0 = time.time()
     scorer = _scorer_from_args(args)
@@ -128,6 +124,9 @@ def cmd_score(args) -> int:
                 args.output,
             )
         errors = open(args.output + ".errors.jsonl", "a") if args.on_error == "skip" else None
+        skipped = len(bad)
+        for err in bad if errors is not None else []:
+            errors.write(json.dumps({"line": err.line, "error": str(err)}) + "\n")
         bar = tqdm(
             total=len(rows),
             initial=len(rows) - len(todo),
@@ -147,6 +146,7 @@ def cmd_score(args) -> int:
                         raise err from None
                     log.warning("skipping %s", err)
                     errors.write(json.dumps({"line": r.line, "error": str(err)}) + "\n")
+                    skipped += 1
                     bar.update(1)
             results = scorer.score_prepared(prepared) if prepared else []
             out.write(
@@ -157,6 +157,9 @@ def cmd_score(args) -> int:
         if errors:
             errors.close()
     log.info("wrote %s (%d rows) in %.1fs", args.output, len(out.done), time.time() - t0)
+    if skipped:
+        msg = f"flr score: skipped {skipped} bad rows (listed in {args.output}.errors.jsonl)"
+        log.warning(msg)
     return 0
 
 
@@ -226,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="on a bad row: stop (default) or log and skip",
     )
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    p.add_argument("--allow-empty", action="store_true", help="an input with no rows is not an error")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser(

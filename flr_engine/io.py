@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -38,33 +39,122 @@ class RowError(ValueError):
         return type(self), (self.path, self.line, self.field, self.message)
 
 
+class InputFileError(ValueError):
+    """An input file that cannot be read at all (missing, corrupt or truncated compression)."""
+
+
+class RowErrors(RowError):
+    """Every bad row of a file, found before any compute (a RowError whose path, line and
+    field are the first one's): the first ``shown`` are listed as ``path:line: field:
+    message``, then a count of the rest."""
+
+    def __init__(self, errors: list[RowError], shown: int = 20):
+        self.errors = errors
+        first = errors[0]
+        self.path, self.line, self.field, self.message = (
+            first.path, first.line, first.field, first.message
+        )  # fmt: skip
+        lines = [str(e) for e in errors[:shown]]
+        if len(errors) > shown:
+            lines.append(f"... and {len(errors) - shown} more bad rows")
+        head = f"{len(errors)} bad row{'s' if len(errors) != 1 else ''}"
+        ValueError.__init__(
+            self, f"{head} (nothing was computed or written):\n  " + "\n  ".join(lines)
+        )
+
+    def __reduce__(self):
+        return type(self), (self.errors,)
+
+
 def _open(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
+def scan_jsonl(path: str) -> Iterator[tuple[int, dict | RowError]]:
+    """Yield ``(line_number, object)`` for every non-blank line, or ``(line_number,
+    RowError)`` for a line that is not a UTF-8 JSON object; never stops at a bad line.
+    A missing file or corrupt / truncated compression raises :class:`InputFileError`."""
+    import zlib
+
+    if not os.path.exists(path):
+        raise InputFileError(f"input file {path} does not exist")
+    n = 0
+    try:
+        with _open(path) as fh:
+            for n, raw in enumerate(fh, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    why = f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
+                    yield n, RowError(path, n, None, why)
+                    continue
+                if not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    why = f"malformed JSON: {exc.msg} (column {exc.colno})"
+                    yield n, RowError(path, n, None, why)
+                    continue
+                if not isinstance(obj, dict):
+                    why = f"expected a JSON object, got {type(obj).__name__}"
+                    yield n, RowError(path, n, None, why)
+                    continue
+                yield n, obj
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, gzip.BadGzipFile) and exc.errno:
+            raise  # a real I/O error (permissions, ...), not a corrupt stream
+        raise InputFileError(
+            f"{path}: corrupt or truncated compressed file after line {n} "
+            f"({exc.__class__.__name__}: {exc})"
+        ) from None
+
+
 def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)``; blank lines are skipped; bad lines raise RowError."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"input file {path} does not exist")
-    with _open(path) as fh:
-        for n, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise RowError(
-                    path, n, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
-                ) from None
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise RowError(
-                    path, n, None, f"malformed JSON: {exc.msg} (column {exc.colno})"
-                ) from None
-            if not isinstance(obj, dict):
-                raise RowError(path, n, None, f"expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
+    for n, obj in scan_jsonl(path):
+        if isinstance(obj, RowError):
+            raise obj
+        yield n, obj
+
+
+def read_rows(
+    path: str, parse, on_error: str = "fail", allow_empty: bool = False, log=None
+) -> tuple[list, list[RowError]]:
+    """Validate a whole JSONL(.gz) file before any compute: ``parse(path, line, obj)`` makes
+    each row (raising RowError), and every problem is collected. ``on_error="fail"``: raise
+    :class:`RowErrors` listing them all; ``"skip"``: drop those rows, ``log`` each, and
+    return them. An empty file (no rows at all) is an :class:`InputFileError` unless
+    ``allow_empty``. Returns ``(rows, skipped_errors)``."""
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    rows, errors, seen = [], [], 0
+    for line, obj in scan_jsonl(path):
+        seen += 1
+        try:
+            if isinstance(obj, RowError):
+                raise obj
+            rows.append(parse(path, line, obj))
+        except RowError as exc:
+            errors.append(exc)
+    if errors and on_error == "fail":
+        raise RowErrors(errors)
+    for exc in errors:
+        if log is not None:
+            log(f"skipping {exc}")
+    if seen == 0 and not allow_empty:
+        raise InputFileError(f"{path}: empty: no rows (pass --allow-empty if that is expected)")
+    return rows, errors
+
+
+def check_id(path: str, line: int, value: object) -> object:
+    """A row id must survive a JSON round trip: a string, an integer or a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        got = type(value).__name__
+        raise RowError(path, line, "id", f"must be a string or a number, got {got}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RowError(path, line, "id", f"must be finite, got {value!r}")
+    return value
 
 
 @dataclass
@@ -88,7 +178,14 @@ def parse_score_row(path: str, line: int, obj: dict) -> ScoreRow:
     for k in keys:
         if k not in obj:
             raise RowError(path, line, k, "missing")
-    return ScoreRow(line, obj.get("id", line), obj[keys[0]], obj[keys[1]])
+    from flr_engine.chat import InputError, normalize_conversation, normalize_reply
+
+    try:  # the whole row is checked here, in the validation pass, not during compute
+        normalize_conversation(obj[keys[0]], keys[0])
+        normalize_reply(obj[keys[1]], keys[1])
+    except InputError as exc:
+        raise RowError(path, line, exc.field, exc.message) from None
+    return ScoreRow(line, check_id(path, line, obj.get("id", line)), obj[keys[0]], obj[keys[1]])
 
 
 class OutputBusyError(ValueError):
@@ -180,8 +277,11 @@ class ResumableWriter:
             "flr_engine_version": __version__,
             "input_sha256": {os.path.abspath(p): file_sha256(p) for p in inputs},
         }
-        os.makedirs(os.path.dirname(real), exist_ok=True)
-        self._lock = _lock_exclusive(real)
+        try:
+            os.makedirs(os.path.dirname(real), exist_ok=True)
+            self._lock = _lock_exclusive(real)
+        except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+            raise OutputConflictError(f"cannot write {out_flag} {path}: {exc}") from None
         try:
             if resume and os.path.exists(real) and os.path.getsize(real) > 0:
                 self._check_settings(self.settings)
@@ -191,6 +291,9 @@ class ResumableWriter:
             with open(self.meta_path, "w") as fh:
                 json.dump(self.settings, fh, indent=1, sort_keys=True)
             self._fh = open(real, "a", encoding="utf-8")
+        except (PermissionError, IsADirectoryError) as exc:
+            self._release()
+            raise OutputConflictError(f"cannot write {out_flag} {path}: {exc}") from None
         except BaseException:
             self._release()
             raise

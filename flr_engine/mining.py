@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from flr_engine.chat import InputError, normalize_conversation
-from flr_engine.io import ResumableWriter, RowError, read_jsonl
+from flr_engine.io import ResumableWriter, RowError, check_id, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -140,19 +140,17 @@ def parse_prompt_row(path: str, line: int, obj: dict) -> PromptRow:
         msgs = normalize_conversation(value, key)
     except InputError as exc:
         raise RowError(path, line, exc.field, exc.message) from None
-    return PromptRow(line, obj.get("id", line), msgs)
+    return PromptRow(line, check_id(path, line, obj.get("id", line)), msgs)
 
 
 def read_prompts(path: str, limit: int | None = None, skip: int = 0) -> list[PromptRow]:
     """All prompt rows of a JSONL(.gz) file (validated up front; a bad row raises RowError
     ``path:line: field``). ``skip``: leave out the first N rows; ``limit``: then keep N rows
     (``skip=200, limit=50`` gives a held-out slice disjoint from ``limit=200``)."""
-    out = []
-    for n, (line, obj) in enumerate(read_jsonl(path)):
-        if limit is not None and len(out) >= limit:
-            break
-        if n >= skip:
-            out.append(parse_prompt_row(path, line, obj))
+    rows, _ = read_rows(path, parse_prompt_row)  # every bad row reported before any compute
+    out = rows[skip:]
+    if limit is not None:
+        out = out[:limit]
     if not out:
         raise ValueError(f"{path}: no prompts" + (f" after skipping {skip}" if skip else ""))
     return out

@@ -49,7 +49,7 @@ import re
 from dataclasses import dataclass, field
 
 from flr_engine.chat import InputError, normalize_conversation, normalize_reply
-from flr_engine.io import RowError, read_jsonl
+from flr_engine.io import RowError, RowErrors, scan_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -251,10 +251,13 @@ def read_set(path: str, name: str | None = None, on_error: str = "fail") -> Eval
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     schema, first = None, 0
     out = EvalSet(name or set_name(path), path, "", [])
-    for line, obj in read_jsonl(path):
+    problems: list[RowError] = []
+    for line, obj in scan_jsonl(path):  # the whole file, before any compute
         out.rows += 1
-        found = detect_schema(obj)
         try:
+            if isinstance(obj, RowError):
+                raise obj
+            found = detect_schema(obj)
             if found is None:
                 raise RowError(path, line, None, _unknown(obj))
             if schema is None:
@@ -267,7 +270,10 @@ def read_set(path: str, name: str | None = None, on_error: str = "fail") -> Eval
                 )
             item = parse_row(path, line, obj, schema)
         except RowError as exc:
-            if on_error == "fail" or schema is None:
+            if on_error == "fail":
+                problems.append(exc)
+                continue
+            if schema is None:
                 raise
             log.warning("skipping %s", exc)
             out.bad += 1
@@ -277,6 +283,8 @@ def read_set(path: str, name: str | None = None, on_error: str = "fail") -> Eval
             out.ties += 1
         else:
             out.items.append(item)
+    if problems:
+        raise RowErrors(problems)
     if out.rows == 0:
         raise EvalDataError(f"{path}: empty: no rows to evaluate")
     out.schema = schema or ""
