@@ -196,6 +196,10 @@ class OutputConflictError(ValueError):
     """The output cannot be written or resumed without losing or mixing data."""
 
 
+class OutputWriteError(ValueError):
+    """Writing the output failed part-way (disk full, ...); finished rows are kept."""
+
+
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
@@ -342,15 +346,28 @@ class ResumableWriter:
                 fh.truncate(good)
 
     def write(self, rows: list[dict]) -> None:
-        for r in rows:
-            self._fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-            self.done.add(int(r["line"]))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        """Append ``rows`` and make them durable (flush + fsync) before returning. A failed
+        write (disk full, ...) raises :class:`OutputWriteError`; what was written before
+        stays readable, and a torn last line is dropped on resume."""
+        try:
+            for r in rows:
+                self._fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            raise OutputWriteError(
+                f"writing {self.path} failed ({exc.strerror or exc}); the rows written before "
+                "are kept: free the space and rerun the same command to resume"
+            ) from exc
+        self.done.update(int(r["line"]) for r in rows)
 
     def close(self) -> None:
-        self._fh.close()
-        self._release()
+        try:
+            self._fh.close()
+        except OSError:  # the buffered tail of a failed write: dropped as a torn line on resume
+            pass
+        finally:
+            self._release()
 
     def __enter__(self):
         return self
