@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 
 from flr_engine.chat import InputError
+from flr_engine.io import atomic_write_text, lock_exclusive
 
 log = logging.getLogger(__name__)
 
@@ -572,8 +573,7 @@ def _prepare_dir(out_dir: str, settings: dict, resume: bool, overwrite: bool) ->
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
     os.makedirs(out_dir, exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(settings, fh, indent=1, sort_keys=True)
+    atomic_write_text(path, json.dumps(settings, indent=1, sort_keys=True))
 
 
 def _wrap_lora(model, cfg: DPOConfig):
@@ -609,10 +609,8 @@ def train_dpo(
     without saving a final model (an interruption; the run resumes from its checkpoints).
     A second run on the same folder (by any path) is refused while this one holds it.
     """
-    from flr_engine.io import _lock_exclusive
-
     os.makedirs(out_dir, exist_ok=True)
-    lock = _lock_exclusive(os.path.join(os.path.realpath(out_dir), "run"))  # one writer per folder
+    lock = lock_exclusive(os.path.join(os.path.realpath(out_dir), "run"))  # one writer per folder
     try:
         return _train_dpo(model, tokenizer, pairs, out_dir, cfg, resume, overwrite, settings,
                           skipped_ties, progress, stop_after)  # fmt: skip
@@ -666,10 +664,9 @@ def _train_dpo(model, tokenizer, pairs, out_dir, cfg, resume, overwrite, setting
     kept = []
     if start and os.path.exists(metrics_path):
         with open(metrics_path) as fh:
-            kept = [json.loads(x) for x in fh if x.strip()]
+            kept = [json.loads(x) for x in fh if x.endswith("\n")]  # a torn last line is redone
         kept = [m for m in kept if m["step"] <= start]
-    with open(metrics_path, "w") as fh:
-        fh.writelines(json.dumps(m) + "\n" for m in kept)
+    atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
 
     steps_per_epoch = max(math.ceil(len(pairs) / (cfg.batch_size * cfg.grad_accum)), 1)
     dev = next(iter(params)).device

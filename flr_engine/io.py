@@ -217,13 +217,24 @@ def file_sha256(path: str) -> str:
     return _DIGESTS[key]
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` all at once: a temporary file in the same folder,
+    fsynced, then renamed over it, so a crash leaves the old file or the new, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def input_files(*candidates: str | None) -> list[str]:
     """The candidates that are existing files (built-in template names, hub ids and None
     are not files and carry no content of their own to hash)."""
     return [c for c in candidates if c and os.path.isfile(c)]
 
 
-def _lock_exclusive(path: str):
+def lock_exclusive(path: str):
     """Hold ``<path>.lock`` exclusively (advisory ``flock``, released when the process
     exits) or raise :class:`OutputBusyError`. No-op where ``fcntl`` is missing (Windows)."""
     try:
@@ -283,7 +294,7 @@ class ResumableWriter:
         }
         try:
             os.makedirs(os.path.dirname(real), exist_ok=True)
-            self._lock = _lock_exclusive(real)
+            self._lock = lock_exclusive(real)
         except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
             raise OutputConflictError(f"cannot write {out_flag} {path}: {exc}") from None
         try:
@@ -292,8 +303,7 @@ class ResumableWriter:
                 self._load_done()
             else:  # a new output, an empty one, or --overwrite: start over
                 open(real, "w").close()
-            with open(self.meta_path, "w") as fh:
-                json.dump(self.settings, fh, indent=1, sort_keys=True)
+            atomic_write_text(self.meta_path, json.dumps(self.settings, indent=1, sort_keys=True))
             self._fh = open(real, "a", encoding="utf-8")
         except (PermissionError, IsADirectoryError) as exc:
             self._release()

@@ -144,11 +144,11 @@ def test_dpo_folder_is_held_by_one_run(tmp_path, monkeypatch):
     """Two `flr dpo --resume` on one folder would write duplicated metrics rows: the second
     is refused while the first holds the folder (here: its lock, taken by hand)."""
     from flr_engine import dpo
-    from flr_engine.io import _lock_exclusive
+    from flr_engine.io import lock_exclusive
 
     out = tmp_path / "run"
     out.mkdir()
-    held = _lock_exclusive(os.path.join(os.path.realpath(out), "run"))
+    held = lock_exclusive(os.path.join(os.path.realpath(out), "run"))
     try:
         with pytest.raises(OutputBusyError):
             dpo.train_dpo(None, None, [], str(tmp_path / "." / "run"), dpo.DPOConfig(), resume=True)
