@@ -20,19 +20,11 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+from flr_engine.control import control_tokens
+from flr_engine.errors import InputError
+
 Message = dict  # {"role": "user"|"assistant"|"system", "content": str}
 _SENTINEL = "\x1eFLRFOLLOWUP\x1e"
-
-
-class InputError(ValueError):
-    """Bad conversation / reply input; ``field`` names the offending field."""
-
-    def __init__(self, message: str, field: str | None = None):
-        self.message, self.field = message, field
-        super().__init__(f"field '{field}': {message}" if field else message)
-
-    def __reduce__(self):  # picklable with its field (for worker processes)
-        return type(self), (self.message, self.field)
 
 
 class ContextTooLongError(InputError):
@@ -129,8 +121,19 @@ class ChatRenderer:
     def render(self, messages: list[Message]) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False)
 
-    def _encode(self, texts: list[str]):
-        return self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    def _encode(self, texts: list[str], skeletons: list[str] | None = None):
+        """Tokenise rendered texts under the injection policy (:mod:`flr_engine.control`):
+        ``skeletons`` are the same renders with the content's special tokens masked."""
+        return control_tokens(self.tok).encode(texts, skeletons)
+
+    def _skeletons(self, base: list[Message], followups: Seq[str]) -> list[str] | None:
+        """The renders of ``base + [user: f]`` with the content masked, or None when no
+        content holds a special-token string (the plain tokenisation applies)."""
+        guard = control_tokens(self.tok)
+        if not guard.any_in(base) and not any(guard.contains(f) for f in followups):
+            return None
+        masked = guard.mask_messages(base)
+        return [self.render(masked + [{"role": "user", "content": guard.mask(f)}]) for f in followups]
 
     def official_ids(self, followup: str) -> list[int]:
         """Token ids of the follow-up tokenised alone *with* special tokens (BOS), as the
@@ -145,11 +148,9 @@ class ChatRenderer:
             return context, 0
 
         def length(ctx):
-            msgs = ctx + [
-                {"role": "assistant", "content": reply},
-                {"role": "user", "content": longest},
-            ]
-            return len(self._encode([self.render(msgs)])["input_ids"][0])
+            base = ctx + [{"role": "assistant", "content": reply}]
+            text = self.render(base + [{"role": "user", "content": longest}])
+            return len(self._encode([text], self._skeletons(base, [longest]))["input_ids"][0])
 
         if length(context) <= self.max_length:
             return context, 0
@@ -195,7 +196,7 @@ class ChatRenderer:
             direct = self.render(base + [{"role": "user", "content": followups[0]}])
             if direct != texts[0]:  # the template transforms content: render each directly
                 texts = [self.render(base + [{"role": "user", "content": f}]) for f in followups]
-        enc = self._encode(texts)
+        enc = self._encode(texts, self._skeletons(base, followups))
         out = []
         for f, text, ids, offs in zip(followups, texts, enc["input_ids"], enc["offset_mapping"]):
             fspan = _find_last(text, f)

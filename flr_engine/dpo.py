@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 
 from flr_engine.chat import InputError
+from flr_engine.control import encode_chat
 from flr_engine.io import atomic_write_text, lock_exclusive
 
 log = logging.getLogger(__name__)
@@ -234,8 +235,10 @@ def encode_reply(
     """Render ``messages + [assistant: reply]`` whole, tokenise it, and return (ids, start):
     ``ids[start:]`` are the tokens overlapping the reply's characters plus the end-of-turn
     token after them; anything the template writes after that is dropped."""
-    text = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": reply}], tokenize=False
+    text, ids, offs = encode_chat(  # the injection policy: content is never a control token
+        tokenizer,
+        messages + [{"role": "assistant", "content": reply}],
+        lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False),
     )
     span = None
     for cand in (reply, reply.strip()):
@@ -245,8 +248,6 @@ def encode_reply(
             break
     if span is None:
         raise InputError("the chat template changed the reply text: cannot locate it", "chosen")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offs = enc["input_ids"], enc["offset_mapping"]
     comp = [n for n, (a, b) in enumerate(offs) if b > span[0] and a < span[1] and b > a]
     if not comp or comp[0] == 0:
         raise InputError("the reply produced no tokens after a prompt", "chosen")

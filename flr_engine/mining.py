@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from flr_engine.chat import InputError, normalize_conversation
+from flr_engine.control import control_tokens
 from flr_engine.io import ResumableWriter, RowError, check_id, read_rows
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,10 @@ def prompt_ids(
 ) -> list[int]:
     """Token ids of :func:`generation_prompt`; cut to its last ``max_positions -
     max_new_tokens`` tokens (with a warning naming ``line``) when the reply would not fit."""
-    ids = tokenizer(generation_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    guard = control_tokens(tokenizer)  # the injection policy: content is never a control token
+    text = generation_prompt(tokenizer, messages)
+    skeleton = generation_prompt(tokenizer, guard.mask_messages(messages)) if guard.any_in(messages) else text
+    ids = guard.encode([text], [skeleton])["input_ids"][0]
     if max_positions and len(ids) + max_new_tokens > max_positions:
         keep = max(max_positions - max_new_tokens, 1)
         log.warning("line %d: prompt of %d tokens cut to its last %d", line, len(ids), keep)

@@ -63,7 +63,8 @@ def make_tokenizer(family: str = "chatml", vocab_size: int = 600) -> PreTrainedT
     else:
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        alphabet = sorted(set("".join(CORPUS)) | set("\n’'"))
+        # the markers' characters too: an injected marker is text, not <unk>
+        alphabet = sorted(set("".join(CORPUS)) | set("\n’'") | set("".join(specials)))
         specials_all = specials + ["<unk>"]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials_all, initial_alphabet=alphabet, show_progress=False
