@@ -39,7 +39,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="'default' (SmolLM2-135M-Instruct), a model folder, hub id or .gguf file",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA when there is one, else cpu), cpu, cuda, cuda:1, ..."
+    )
     p.add_argument(
         "--chat-template",
         default=None,

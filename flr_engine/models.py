@@ -156,14 +156,25 @@ def resolve(name_or_path: str) -> Path | str:
     return name_or_path  # a hub id; transformers reports if it cannot be reached
 
 
+def resolve_device(device: str | object = "auto") -> str | object:
+    """``"auto"``: ``"cuda"`` when a CUDA device is usable, else ``"cpu"``; anything else
+    is returned as given (``"cpu"``, ``"cuda:1"``, a ``torch.device``)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load(
     name_or_path: str = DEFAULT_MODEL,
     *,
     dtype: str | object = "float32",
-    device: str = "cpu",
+    device: str = "auto",
     chat_template: str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM + tokenizer for scoring (eval mode, no grad needed)."""
+    """Load a causal LM + tokenizer for scoring (eval mode, no grad needed); ``device="auto"``
+    puts it on CUDA when there is one, else on the CPU."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -179,7 +190,7 @@ def load(
         ) from exc
     if chat_template is not None:
         tok.chat_template = chat_template
-    model.to(device).eval()
+    model.to(resolve_device(device)).eval()
     return LoadedModel(model, tok, str(name_or_path))
 
 

@@ -87,11 +87,12 @@ class FLRScorer:
         name_or_path: str = "default",
         *,
         dtype: str = "float32",
-        device: str = "cpu",
+        device: str = "auto",
         chat_template: str | None = None,
         **kwargs,
     ) -> FLRScorer:
-        """Load ``default`` (SmolLM2-135M-Instruct), a model folder, a hub id or a .gguf."""
+        """Load ``default`` (SmolLM2-135M-Instruct), a model folder, a hub id or a .gguf;
+        ``device="auto"``: CUDA when there is one, else the CPU."""
         from flr_engine.models import load
 
         lm = load(name_or_path, dtype=dtype, device=device, chat_template=chat_template)

@@ -71,7 +71,9 @@ def _read_template(path: str | None) -> str | None:
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA when there is one, else cpu), cpu, cuda, cuda:1, ..."
+    )
     p.add_argument(
         "--chat-template", default=None,
         help="file with a Jinja chat template, for a policy (or follow-up model) without one",

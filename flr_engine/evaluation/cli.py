@@ -97,6 +97,7 @@ def cmd_eval(args) -> int:
     from flr_engine.cli import scoring_settings
     from flr_engine.evaluation.data import load_sets
     from flr_engine.evaluation.run import EvalConfig, RewardModelScorer, run_eval
+    from flr_engine.models import resolve_device
     from flr_engine.io import RowError
     from flr_engine.templates import load_templates
 
@@ -140,7 +141,7 @@ def cmd_eval(args) -> int:
     rm_factory = None
     if args.reward_model:
         def rm_factory():
-            return RewardModelScorer(args.reward_model, device=args.device, dtype=args.dtype)
+            return RewardModelScorer(args.reward_model, device=resolve_device(args.device), dtype=args.dtype)
 
     # a partial, not a lambda: --workers sends the factory to other processes
     res = run_eval(sets, cfg, templates, functools.partial(_scorer_from_args, args), rm_factory)
