@@ -35,6 +35,8 @@ import sys
 import threading
 import time
 
+from flr_engine.errors import MissingFileError
+
 PROVIDERS = ("reference", "hf-prefix-cache", "engine", "limit")
 DEFAULT_DATA = os.path.join("..", "shared", "data", "pairwise", "hh-rlhf-helpful-base.jsonl.gz")
 
@@ -48,7 +50,7 @@ def load_pairs(path: str, n_conv: int, n_replies: int = 2, context_tokens: int |
     prepending turns of other rows (the scaling sweep), measured with ``tokenizer``.
     """
     if not os.path.exists(path):
-        raise FileNotFoundError(f"benchmark data {path} not found (pass --data)")
+        raise MissingFileError(f"benchmark data {path} not found (pass --data)")
     rows = []
     with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path) as fh:
         for line in fh:

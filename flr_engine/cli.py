@@ -15,8 +15,8 @@ import sys
 import time
 
 from flr_engine.chat import InputError
+from flr_engine.errors import FLRError, MissingFileError
 from flr_engine.io import ResumableWriter, RowError, input_files, parse_score_row, read_rows
-from flr_engine.models import ModelLoadError
 
 log = logging.getLogger("flr_engine")
 
@@ -73,18 +73,25 @@ def scoring_settings(args) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
+def read_chat_template(path: str | None) -> str | None:
+    """The Jinja text of ``--chat-template FILE`` (None without one)."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise MissingFileError(f"{path}: --chat-template file does not exist") from None
+
+
 def _scorer_from_args(args):
     from flr_engine.scorer import FLRScorer
 
-    chat_template = None
-    if args.chat_template:
-        with open(args.chat_template, encoding="utf-8") as fh:
-            chat_template = fh.read()
     return FLRScorer.from_pretrained(
         args.model,
         dtype=args.dtype,
         device=args.device,
-        chat_template=chat_template,
+        chat_template=read_chat_template(args.chat_template),
         templates=args.templates,
         engine=args.engine,
         mode=args.mode,
@@ -304,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.WARNING if args.quiet else logging.INFO, args.quiet)
     try:
         return args.func(args)
-    except (RowError, InputError, FileNotFoundError, ValueError, ModelLoadError) as exc:
+    except FLRError as exc:  # the project's own: bad input or settings, no traceback
         print(f"flr {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -74,7 +74,8 @@ import torch.nn.functional as F
 
 from flr_engine.chat import InputError
 from flr_engine.control import encode_chat
-from flr_engine.io import atomic_write_text, lock_exclusive
+from flr_engine.errors import ConfigError, DependencyError
+from flr_engine.io import RowError, atomic_write_text, lock_exclusive
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class DPOConfig:
 
     def __post_init__(self):
         def bad(name, why):
-            raise ValueError(f"DPOConfig.{name} {why}, got {getattr(self, name)!r}")
+            raise ConfigError(f"DPOConfig.{name} {why}, got {getattr(self, name)!r}")
 
         if not (self.beta > 0 and math.isfinite(self.beta)):
             bad("beta", "must be > 0")
@@ -207,7 +208,7 @@ def dpo_loss(
     elif loss == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     else:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        raise ConfigError(f"loss must be one of {LOSSES}, got {loss!r}")
     return losses, h
 
 
@@ -283,7 +284,7 @@ def encode_pairs(
             c, cs = encode_reply(tokenizer, it.context, it.chosen, eot)
             r, rs = encode_reply(tokenizer, it.context, it.rejected, eot)
         except InputError as exc:
-            raise ValueError(f"{path}:{it.line}: {exc}") from None
+            raise RowError(path, it.line, exc.field, exc.message) from None
         truncated = False
         if max_length is not None and max(len(c), len(r)) > max_length:
             longest = max(len(c) - cs, len(r) - rs)
@@ -301,9 +302,9 @@ def load_pairs(path: str):
 
     es = read_set(path, on_error="fail")
     if es.kind != "pairwise":
-        raise ValueError(f"{path}: looks like a {es.schema!r} file, not preference pairs")
+        raise InputError(f"{path}: looks like a {es.schema!r} file, not preference pairs")
     if not es.items:
-        raise ValueError(f"{path}: no usable pairs ({es.ties} ties / identical pairs skipped)")
+        raise InputError(f"{path}: no usable pairs ({es.ties} ties / identical pairs skipped)")
     return es.items, es.ties, es.rows
 
 
@@ -512,7 +513,7 @@ def _load_checkpoint(path, named, opt, sched) -> int:
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
     params = dict(named)
     if set(params) != set(state["params"]):
-        raise ValueError(f"{path}: its parameters do not match this model / LoRA setting")
+        raise ConfigError(f"{path}: its parameters do not match this model / LoRA setting")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state["params"][n])
@@ -556,7 +557,7 @@ def _prepare_dir(out_dir: str, settings: dict, resume: bool, overwrite: bool) ->
     path = os.path.join(out_dir, "dpo_settings.json")
     if os.path.exists(path) and not overwrite:
         if not resume:
-            raise ValueError(
+            raise ConfigError(
                 f"{out_dir} already holds a DPO run: pass --resume to continue it or "
                 "--overwrite to start over"
             )
@@ -565,7 +566,7 @@ def _prepare_dir(out_dir: str, settings: dict, resume: bool, overwrite: bool) ->
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"{out_dir} was trained with other settings ({lines}); cannot resume")
+            raise ConfigError(f"{out_dir} was trained with other settings ({lines}); cannot resume")
         return
     if overwrite:
         for _, ck in checkpoints(out_dir):
@@ -581,7 +582,7 @@ def _wrap_lora(model, cfg: DPOConfig):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:  # pragma: no cover - peft is in the [train] extra
-        raise RuntimeError("--lora-r > 0 needs peft: pip install 'flr-engine[train]'") from exc
+        raise DependencyError("--lora-r > 0 needs peft: pip install 'flr-engine[train]'") from exc
     lcfg = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules="all-linear", task_type="CAUSAL_LM",

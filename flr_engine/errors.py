@@ -30,3 +30,7 @@ class ConfigError(FLRError, ValueError):
 
 class MissingFileError(FLRError, FileNotFoundError):
     """An input file or folder that does not exist."""
+
+
+class DependencyError(FLRError, RuntimeError):
+    """An optional dependency a feature needs is not installed; the message says what to install."""

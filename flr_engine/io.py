@@ -26,8 +26,10 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from flr_engine.errors import ConfigError, FLRError
 
-class RowError(ValueError):
+
+class RowError(FLRError, ValueError):
     """A bad input row: ``path:line: field: message``."""
 
     def __init__(self, path: str, line: int, field: str | None, message: str):
@@ -39,7 +41,7 @@ class RowError(ValueError):
         return type(self), (self.path, self.line, self.field, self.message)
 
 
-class InputFileError(ValueError):
+class InputFileError(FLRError, ValueError):
     """An input file that cannot be read at all (missing, corrupt or truncated compression)."""
 
 
@@ -127,7 +129,7 @@ def read_rows(
     return them. An empty file (no rows at all) is an :class:`InputFileError` unless
     ``allow_empty``. Returns ``(rows, skipped_errors)``."""
     if on_error not in ("fail", "skip"):
-        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        raise ConfigError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     rows, errors, seen = [], [], 0
     for line, obj in scan_jsonl(path):
         seen += 1
@@ -188,15 +190,15 @@ def parse_score_row(path: str, line: int, obj: dict) -> ScoreRow:
     return ScoreRow(line, check_id(path, line, obj.get("id", line)), obj[keys[0]], obj[keys[1]])
 
 
-class OutputBusyError(ValueError):
+class OutputBusyError(FLRError, ValueError):
     """Another process is writing the same output file."""
 
 
-class OutputConflictError(ValueError):
+class OutputConflictError(FLRError, ValueError):
     """The output cannot be written or resumed without losing or mixing data."""
 
 
-class OutputWriteError(ValueError):
+class OutputWriteError(FLRError, ValueError):
     """Writing the output failed part-way (disk full, ...); finished rows are kept."""
 
 

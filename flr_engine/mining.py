@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 
 from flr_engine.chat import InputError, normalize_conversation
 from flr_engine.control import control_tokens
+from flr_engine.errors import ConfigError
 from flr_engine.io import ResumableWriter, RowError, check_id, read_rows
 
 log = logging.getLogger(__name__)
@@ -67,17 +68,17 @@ class MineConfig:
 
     def __post_init__(self):
         if self.num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2 (a pair needs two), got {self.num_samples}")
+            raise ConfigError(f"num_samples must be >= 2 (a pair needs two), got {self.num_samples}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_prompts < 1:
-            raise ValueError(f"batch_prompts must be >= 1, got {self.batch_prompts}")
+            raise ConfigError(f"batch_prompts must be >= 1, got {self.batch_prompts}")
         if not math.isfinite(self.min_margin):
-            raise ValueError(f"min_margin must be finite, got {self.min_margin}")
+            raise ConfigError(f"min_margin must be finite, got {self.min_margin}")
 
 
 @dataclass
@@ -153,7 +154,7 @@ def read_prompts(path: str, limit: int | None = None, skip: int = 0) -> list[Pro
     if limit is not None:
         out = out[:limit]
     if not out:
-        raise ValueError(f"{path}: no prompts" + (f" after skipping {skip}" if skip else ""))
+        raise InputError(f"{path}: no prompts" + (f" after skipping {skip}" if skip else ""))
     return out
 
 

@@ -22,6 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from flr_engine.errors import FLRError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
@@ -30,7 +32,7 @@ DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(FLRError, RuntimeError):
     """A model could not be found or loaded; the message says what to do."""
 
 

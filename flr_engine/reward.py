@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from flr_engine.errors import ConfigError
 from flr_engine.templates import TemplateSet
 
 MODES = ("likelihood", "official")
@@ -45,13 +46,13 @@ class RewardConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"RewardConfig.mode must be one of {MODES}, got {self.mode!r}")
+            raise ConfigError(f"RewardConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.reduction not in REDUCTIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"RewardConfig.reduction must be one of {REDUCTIONS}, got {self.reduction!r}"
             )
         if self.mode == "official" and (self.reduction != "mean" or self.score_eot):
-            raise ValueError(
+            raise ConfigError(
                 "RewardConfig: mode='official' fixes its own quantity; reduction/score_eot do not apply"
             )
 

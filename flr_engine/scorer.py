@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from flr_engine.chat import ChatRenderer, ScoredSequence, normalize_conversation, normalize_reply
+from flr_engine.errors import ConfigError, InputError
 from flr_engine.reward import RewardConfig, ScoreResult, aggregate
 from flr_engine.templates import DEFAULT, TemplateSet, load_templates
 
@@ -29,7 +30,7 @@ def make_backend(model, engine: str = "auto", **engine_kwargs):
     """Pick a scoring backend. "auto" uses the packed engine and quietly falls back to the
     reference if the engine cannot run; an explicit choice fails loudly with the cause."""
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine in ("auto", "engine"):
         try:
             from flr_engine.engine.backend import EngineBackend
@@ -113,7 +114,7 @@ class FLRScorer:
         ending with a user turn. Returns one ScoreResult per pair.
         """
         if len(conversations) != len(replies):
-            raise ValueError(
+            raise InputError(
                 f"conversations and replies must have the same length, got "
                 f"{len(conversations)} and {len(replies)}"
             )

@@ -21,11 +21,13 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 
+from flr_engine.errors import FLRError
+
 BUILTIN = ("flr-helpfulness", "flr-mixed")
 DEFAULT = "flr-helpfulness"
 
 
-class TemplateError(ValueError):
+class TemplateError(FLRError, ValueError):
     """A template set that cannot be used; the message names the file and field."""
 
 

@@ -16,6 +16,8 @@ import logging
 import sys
 import time
 
+from flr_engine.errors import ConfigError
+
 log = logging.getLogger("flr_engine")
 
 MINE_EXAMPLES = """examples:
@@ -63,10 +65,9 @@ def _config_from_args(args, cls):
 
 
 def _read_template(path: str | None) -> str | None:
-    if not path:
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return fh.read()
+    from flr_engine.cli import read_chat_template
+
+    return read_chat_template(path)
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
@@ -223,7 +224,7 @@ def cmd_generate(args) -> int:
     from flr_engine.sampling import generate
 
     if args.max_new_tokens < 1 or args.batch_prompts < 1 or args.temperature < 0:
-        raise ValueError("--max-new-tokens and --batch-prompts must be >= 1, --temperature >= 0")
+        raise ConfigError("--max-new-tokens and --batch-prompts must be >= 1, --temperature >= 0")
     prompts = read_prompts(args.prompts, args.limit, args.skip)
     template = _read_template(args.chat_template)
     settings = {

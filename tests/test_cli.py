@@ -179,3 +179,63 @@ def test_second_writer_on_the_same_output_is_refused(tmp_path, tiny_model_dir, c
     assert read(out) == [{"line": 1}]  # the refused attempts changed nothing
     with ResumableWriter(str(out), {"a": 1}) as again:
         assert again.done == {1}
+
+
+def test_errors_share_one_base_class():
+    from flr_engine.chat import ContextTooLongError, InputError
+    from flr_engine.errors import ConfigError, FLRError
+    from flr_engine.evaluation.data import EvalDataError
+    from flr_engine.io import OutputBusyError, RowError
+    from flr_engine.models import ModelLoadError
+    from flr_engine.templates import TemplateError
+
+    for cls in (InputError, ContextTooLongError, RowError, ModelLoadError, TemplateError,
+                EvalDataError, OutputBusyError, ConfigError):  # fmt: skip
+        assert issubclass(cls, FLRError), cls
+    assert issubclass(InputError, ValueError) and issubclass(ModelLoadError, RuntimeError)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["mine", "--prompts", "{inp}", "--out", "{tmp}/o.jsonl", "--num-samples", "1"],
+         "num_samples must be >= 2"),
+        (["dpo", "--pairs", "{tmp}/none.jsonl", "--out", "{tmp}/run"], "does not exist"),
+        (["score", "--input", "{inp}", "--output", "{tmp}/o.jsonl", "--chat-template", "{tmp}/t.jinja"],
+         "t.jinja: --chat-template file does not exist"),
+        (["score", "--input", "{inp}", "--output", "{tmp}/o.jsonl", "--mode", "official", "--reduction", "sum"],
+         "RewardConfig: mode='official'"),
+    ],
+)  # fmt: skip
+def test_project_errors_exit_2_with_the_message(tmp_path, tiny_model_dir, capsys, argv, message):
+    inp = tmp_path / "in.jsonl"
+    write_rows(inp, ROWS[:1])
+    argv = [a.format(inp=inp, tmp=tmp_path) for a in argv]
+    assert main(["-q", *argv, "--model" if argv[0] == "score" else "--policy", str(tiny_model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_dpo_bad_pair_row_names_file_line_field(tmp_path, tiny_model_dir, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    good = {"context": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "Go away."}
+    write_rows(pairs, [good, {**good, "chosen": "ok", "rejected": "ok too"}])
+    # a chat template that drops the content: the reply cannot be placed in row 1
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}{% endfor %}")
+    rc = main(["-q", "dpo", "--pairs", str(pairs), "--out", str(tmp_path / "run"), "--policy",
+               str(tiny_model_dir), "--chat-template", str(template), "--max-steps", "1"])  # fmt: skip
+    assert rc == 2
+    assert f"{pairs}:1: field 'chosen': the chat template changed the reply text" in capsys.readouterr().err
+
+
+def test_other_exceptions_keep_their_traceback(monkeypatch):
+    """A ValueError that is not the project's own is a bug: main does not swallow it."""
+    import flr_engine.cli as cli
+
+    def bug(args):
+        raise ValueError("internal bug")
+
+    monkeypatch.setattr(cli, "cmd_env", bug)
+    with pytest.raises(ValueError, match="internal bug"):
+        main(["env"])

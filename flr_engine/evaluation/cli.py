@@ -11,6 +11,8 @@ import functools
 import logging
 import sys
 
+from flr_engine.errors import ConfigError
+
 log = logging.getLogger("flr_engine")
 
 DEFAULT_OUT = "runs/eval"
@@ -97,20 +99,20 @@ def cmd_eval(args) -> int:
     from flr_engine.cli import scoring_settings
     from flr_engine.evaluation.data import load_sets
     from flr_engine.evaluation.run import EvalConfig, RewardModelScorer, run_eval
-    from flr_engine.models import resolve_device
     from flr_engine.io import RowError
+    from flr_engine.models import resolve_device
     from flr_engine.templates import load_templates
 
     args.data = [*args.data, *args.data_opt]
     if not args.data:
-        raise ValueError("flr eval: no inputs; give .jsonl(.gz) files or folders, "
+        raise ConfigError("flr eval: no inputs; give .jsonl(.gz) files or folders, "
                          "positionally or with --data")
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
     if args.workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     dims = args.dimensions.split(",") if args.dimensions else None
     templates = load_templates(args.templates).select(dims)  # fail fast, before any model
     try:

@@ -33,6 +33,7 @@ import sys
 
 import numpy as np
 
+from flr_engine.errors import ConfigError, InputError
 from flr_engine.evaluation.metrics import (
     DEFAULT_BOOT,
     DEFAULT_LEVEL,
@@ -63,7 +64,7 @@ def load_field(path: str, field: str, transform=float) -> dict[str, float]:
             raise RowError(path, line, "id", f"duplicate id {key}")
         out[key] = transform(obj[field])
     if not out:
-        raise ValueError(f"{path}: no rows")
+        raise InputError(f"{path}: no rows")
     return out
 
 
@@ -115,7 +116,7 @@ def compare(
     repetition only when given for both sides)."""
     keys = sorted(set(reward_a) & set(reward_b))
     if not keys:
-        raise ValueError("the two score files have no id in common")
+        raise InputError("the two score files have no id in common")
     ra = np.array([reward_a[k] for k in keys])
     rb = np.array([reward_b[k] for k in keys])
     idx = bootstrap_indices(len(keys), n_boot, seed)
@@ -132,7 +133,7 @@ def compare(
     if words_a is not None and words_b is not None:
         missing = [k for k in keys if k not in words_a or k not in words_b]
         if missing:
-            raise ValueError(f"{len(missing)} scored ids have no reply, e.g. {missing[0]}")
+            raise InputError(f"{len(missing)} scored ids have no reply, e.g. {missing[0]}")
         wa = np.array([words_a[k] for k in keys], dtype=np.float64)
         wb = np.array([words_b[k] for k in keys], dtype=np.float64)
         ratio = np.log(np.maximum(wb, 1) / np.maximum(wa, 1))
@@ -230,7 +231,7 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_compare(args) -> int:
     names = args.names.split(",")
     if len(names) != 2:
-        raise ValueError(f"--names needs two comma-separated names, got {args.names!r}")
+        raise ConfigError(f"--names needs two comma-separated names, got {args.names!r}")
     ra = load_field(args.scores_a, args.field)
     rb = load_field(args.scores_b, args.field)
     wa = wb = pa = pb = None

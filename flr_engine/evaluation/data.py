@@ -49,6 +49,7 @@ import re
 from dataclasses import dataclass, field
 
 from flr_engine.chat import InputError, normalize_conversation, normalize_reply
+from flr_engine.errors import ConfigError, FLRError, MissingFileError
 from flr_engine.io import RowError, RowErrors, scan_jsonl
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ EXTENSIONS = (".jsonl", ".jsonl.gz")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
-class EvalDataError(ValueError):
+class EvalDataError(FLRError, ValueError):
     """An evaluation input that cannot be used as a whole (empty, no files, ...)."""
 
 
@@ -248,7 +249,7 @@ def set_name(path: str) -> str:
 def read_set(path: str, name: str | None = None, on_error: str = "fail") -> EvalSet:
     """Read one file into an :class:`EvalSet` (see the module docstring for the rules)."""
     if on_error not in ("fail", "skip"):
-        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        raise ConfigError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     schema, first = None, 0
     out = EvalSet(name or set_name(path), path, "", [])
     problems: list[RowError] = []
@@ -294,7 +295,7 @@ def read_set(path: str, name: str | None = None, on_error: str = "fail") -> Eval
 def find_files(path: str) -> list[str]:
     """``path`` itself if a file, else the ``.jsonl(.gz)`` files below it, sorted."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"evaluation data {path} does not exist")
+        raise MissingFileError(f"evaluation data {path} does not exist")
     if os.path.isfile(path):
         return [path]
     found = []

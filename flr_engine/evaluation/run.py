@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flr_engine.chat import InputError
+from flr_engine.errors import ConfigError
 from flr_engine.evaluation import metrics as M
 from flr_engine.evaluation.data import EvalSet, PairItem
 from flr_engine.io import OutputBusyError, ResumableWriter, RowError, input_files
@@ -530,7 +531,7 @@ def run_calibration(
     by_name = {es.name: es for es in sets}
     fit = by_name[cfg.calibrate_on]
     if fit.name not in results:
-        raise ValueError(f"set {fit.name} is being scored by another process")
+        raise OutputBusyError(f"set {fit.name} is being scored by another process")
     dims = templates.dimension_names
 
     def scores_of(es):
@@ -578,11 +579,11 @@ def run_eval(
     if cfg.calibrate_on is not None:
         names = {es.name: es for es in sets}
         if cfg.calibrate_on not in names:
-            raise ValueError(
+            raise ConfigError(
                 f"--calibrate-on {cfg.calibrate_on!r}: no such set; sets are {sorted(names)}"
             )
         if names[cfg.calibrate_on].kind != "pairwise":
-            raise ValueError(
+            raise ConfigError(
                 f"--calibrate-on {cfg.calibrate_on!r}: calibration needs a pairwise set"
             )
     os.makedirs(cfg.out, exist_ok=True)
