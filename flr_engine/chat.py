@@ -13,6 +13,9 @@ follow-up are always kept whole; the oldest context turns are dropped first, a u
 together with the assistant turn after it (a system message is kept); if the last user turn
 alone is still too long, its text is cut from the start. A reply + follow-up that cannot
 fit raises :class:`ContextTooLongError`. ``Sequence.truncated`` records what was cut.
+
+Injection policy (:mod:`flr_engine.control`): special-token strings inside message content
+are tokenised as text; only the template's own markers are control tokens.
 """
 
 from __future__ import annotations
