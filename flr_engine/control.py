@@ -114,7 +114,7 @@ class ControlTokens:
                 "reserves for the injection policy"
             )
         parts, last = [], 0
-        for m in self._pattern.finditer(skeleton):
+        for m in self._pattern.finditer(skeleton) if self._pattern else ():
             if text[m.start() : m.end()] != m.group():
                 raise InputError("cannot align the template's markers with the rendered text")
             parts += [text[last : m.start()], self._placeholder[m.group()]]
