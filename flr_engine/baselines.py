@@ -18,6 +18,7 @@ import copy
 import torch
 
 from flr_engine.chat import ScoredSequence
+from flr_engine.errors import ConfigError
 
 
 def _lcp(seqs: list[list[int]]) -> int:
@@ -62,7 +63,7 @@ class PrefixCacheBackend:
         self, seqs: list[ScoredSequence], mode: str = "likelihood", reduction: str = "mean"
     ) -> list[float]:
         if mode != "likelihood":
-            raise ValueError("the prefix-cache baseline implements mode='likelihood' only")
+            raise ConfigError("the prefix-cache baseline implements mode='likelihood' only")
         out = [0.0] * len(seqs)
         dev = self.device
         for group in self._groups(seqs):
