@@ -84,7 +84,10 @@ def normalize_conversation(conv: object, field: str = "context") -> list[Message
 
 def normalize_reply(reply: object, field: str = "response") -> str:
     if isinstance(reply, list) and len(reply) == 1 and isinstance(reply[0], dict):
-        reply = reply[0].get("content")  # TRL conversational completion
+        role = reply[0].get("role", "assistant")  # TRL conversational completion
+        if role != "assistant":
+            raise InputError(f"the reply message must have role 'assistant', got {role!r}", field)
+        reply = reply[0].get("content")
     if not isinstance(reply, str):
         raise InputError(f"must be a string, got {type(reply).__name__}", field)
     if not reply.strip():

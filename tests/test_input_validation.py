@@ -87,3 +87,13 @@ def test_unwritable_output_is_a_message_not_a_traceback(tmp_path, tiny_model_dir
     err = capsys.readouterr().err
     assert "cannot write --output" in err and "Traceback" not in err
     assert blocker.read_text() == "x" and os.path.isfile(blocker)
+
+
+def test_completion_with_role_user_is_not_taken_as_the_reply(tmp_path, tiny_model_dir, capsys):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_rows(inp, [{"prompt": "Hi", "completion": [{"role": "user", "content": "Thanks!"}]}])
+    assert score(tiny_model_dir, inp, out) == 2
+    assert f"{inp}:1: field 'completion': the reply message must have role 'assistant'" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
