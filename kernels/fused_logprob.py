@@ -12,11 +12,13 @@ tile's logits (BLOCK_N, BLOCK_V) come from ``tl.dot`` over ``BLOCK_H`` slices of
 and are folded into an online (running max, running sum) log-sum-exp, while the target logit is
 picked out of the tile that holds it. The (N, V) logits never exist in memory.
 
-Compiled tiles (:func:`launch_config`): 128 x 256 x 64 with 8 warps and 3 stages where the
-device has >= ~160 KB of shared memory per block (A100 / H100 / H200; 144 KB of bf16 operand
-buffers), smaller elsewhere. The hidden block is re-read per vocabulary tile (from L2), so the
-arithmetic intensity against L2 is ``BLOCK_N * BLOCK_V / (BLOCK_N + BLOCK_V)`` flop/byte: 85 at
-128 x 256 vs 43 at the old 64 x 128. Programs are ordered in groups of ``GROUP_N`` row blocks
+Compiled tiles (:func:`launch_config`): 128 x 128 x 64 with 8 warps (two Hopper warpgroups)
+and 4 stages where the device has >= ~144 KB of shared memory per block (A100 / H100 / H200;
+128 KB of bf16 operand buffers), smaller elsewhere. The hidden block is re-read per vocabulary
+tile (from L2), so the arithmetic intensity against L2 is ``BLOCK_N * BLOCK_V / (BLOCK_N +
+BLOCK_V)`` flop/byte: 64 at 128 x 128 vs 43 at the old 64 x 128 (85 at 128 x 256, whose
+128-register fp32 accumulator per thread risks spills in the softmax epilogue; the GPU check
+sweeps both). Programs are ordered in groups of ``GROUP_N`` row blocks
 (all splits of a group before the next group), so the hidden rows in flight stay L2-resident.
 
 The kernel runs on CUDA tensors, or on CPU tensors under the Triton interpreter
@@ -189,8 +191,8 @@ def launch_config(
     if elem == 4:  # fp32 / tf32: half the K depth per stage
         cands = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 2), (32, 64, 16, 4, 2)]
     else:
-        cands = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3),
-                 (64, 128, 64, 4, 3), (64, 64, 32, 4, 2)]  # fmt: skip
+        cands = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3),
+                 (64, 64, 32, 4, 2)]  # fmt: skip
     bn, bv, bh, nw, ns = cands[-1]
     for c in cands:
         if operand_smem(c[0], c[1], c[2], c[4], elem) * 11 // 10 <= smem:
