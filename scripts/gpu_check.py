@@ -30,6 +30,19 @@ from pathlib import Path
 
 NOMINAL_PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on this workplace's H200s
 
+# every size, {False: the GPU run, True: the dry run}; one place to read (or shrink) them
+SHAPES = {
+    "peak": {False: 8192, True: 256},  # square matmul of the peak measurement
+    "logprob": {False: (8192, 4096, 128256), True: (64, 48, 1009)},  # N, H, V
+    "heads": {False: (32, 8, 128), True: (4, 2, 32)},  # Hq, Hkv, D
+    # prefix, replies, reply length, follow-ups per reply, follow-up length
+    "trie": {False: (1000, 8, 200, 120, 15), True: (40, 2, 10, 3, 5)},
+    # Llama width: hidden, heads, kv heads, MLP, vocab
+    "llama": {False: (4096, 32, 8, 14336, 128256), True: (64, 4, 2, 128, 1000)},
+    # conversations, replies each, follow-ups each, conversation / reply / follow-up lengths
+    "workload": {False: (2, 4, 16, 300, 60, (8, 16)), True: (1, 2, 4, 20, 8, (3, 6))},
+}
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -64,8 +77,8 @@ def timed(fn, reps: int, device) -> float:
 def matmul_peak(device, dry: bool) -> float:
     """Measured bf16 matmul TFLOP/s (8192^3 on CUDA; a token 256^3 fp32 on the dry run)."""
     torch = _torch()
-    n = 256 if dry else 8192
-    dtype = torch.float32 if dry else torch.bfloat16
+    n = SHAPES["peak"][dry]
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = timed(lambda: a @ b, 3 if dry else 10, device)
@@ -201,7 +214,7 @@ def stage_logprob(out: Path, dry: bool) -> bool:
     from flr_engine.kernels import fused_logprob as kfl
     from flr_engine.ops import fused_logprob as fl
 
-    n, h, v = (64, 48, 1009) if dry else (8192, 4096, 128256)
+    n, h, v = SHAPES["logprob"][dry]
     dtype = torch.bfloat16
     g = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(n, h, device=device, generator=g).to(dtype)  # like a normed state
@@ -288,7 +301,7 @@ def build_tree(dry: bool, seed: int = 0):
     from flr_engine.engine.packer import pack_sequences
 
     r = random.Random(seed)
-    p_len, n_rep, rep_len, n_fu, fu_len = (40, 2, 10, 3, 5) if dry else (1000, 8, 200, 120, 15)
+    p_len, n_rep, rep_len, n_fu, fu_len = SHAPES["trie"][dry]
     tok = lambda k: [r.randrange(1000, 120000) for _ in range(k)]  # noqa: E731
     prefix, header = tok(p_len), [7, 8, 9]
     seqs = []
@@ -314,7 +327,7 @@ def stage_tree(out: Path, dry: bool) -> bool:
         tree_attention_mask,
     )
 
-    hq, hkv, d = (4, 2, 32) if dry else (32, 8, 128)
+    hq, hkv, d = SHAPES["heads"][dry]
     dtype = torch.bfloat16
     pack, n_seqs = build_tree(dry)
     T = pack.num_unique
@@ -413,12 +426,9 @@ def random_llama(dry: bool, device, dtype):
     torch = _torch()
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if dry:
-        dims = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                    intermediate_size=128, vocab_size=1000)  # fmt: skip
-    else:
-        dims = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
-                    intermediate_size=14336, vocab_size=128256)  # fmt: skip
+    hidden, heads, kv_heads, mlp, vocab = SHAPES["llama"][dry]
+    dims = dict(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                intermediate_size=mlp, vocab_size=vocab)  # fmt: skip
     cfg = LlamaConfig(num_hidden_layers=2, max_position_embeddings=4096,
                       tie_word_embeddings=False, **dims)  # fmt: skip
     torch.manual_seed(0)
@@ -439,17 +449,17 @@ def flr_workload(dry: bool, vocab: int):
     from flr_engine.chat import ScoredSequence
 
     r = random.Random(1)
-    n_conv, n_rep, n_fu = (1, 2, 4) if dry else (2, 4, 16)
+    n_conv, n_rep, n_fu, conv_len, rep_len, fu_len = SHAPES["workload"][dry]
     tok = lambda k: [r.randrange(10, vocab) for _ in range(k)]  # noqa: E731
     header = [3, 4, 5]
     seqs, groups = [], []
     for c in range(n_conv):
-        conv = tok(20 if dry else 300 + 200 * c)
+        conv = tok(conv_len * (3 + 2 * c) // 3)  # 300, 500 tokens on the GPU
         for _ in range(n_rep):
-            reply = tok(8 if dry else 60)
+            reply = tok(rep_len)
             pos_idx, neg_idx = [], []
             for f in range(n_fu):
-                fu = tok(r.randint(3, 6) if dry else r.randint(8, 16))
+                fu = tok(r.randint(*fu_len))
                 ids = conv + reply + header + fu
                 start = len(ids) - len(fu)
                 (pos_idx if f % 2 == 0 else neg_idx).append(len(seqs))
