@@ -360,8 +360,8 @@ def test_validation_messages():
 def test_triton_needs_power_of_two_blocks():
     if not HAS_TRITON:
         pytest.skip("triton not installed")
-    se, pos = make("random")
-    q, k, v = qkv(se.numel(), 2, 2, 16)
+    se, pos = _to(TDEV, *make("random"))
+    q, k, v = _to(TDEV, *qkv(se.numel(), 2, 2, 16))
     plan = TreeAttentionPlan.build(se, pos, block_m=24, block_n=16)
     with pytest.raises(ValueError, match="power of two"):
         flr_tree_attention(q, k, v, se, pos, plan=plan, impl="triton")

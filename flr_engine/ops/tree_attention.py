@@ -537,14 +537,14 @@ def _triton_kernels():
 
 def _run_triton(q, k, v, subtree_end, positions, plan, scale, sliding_window, softcap, want_lse):
     kmod = _triton_kernels()
+    for name, b in (("block_m", plan.block_m), ("block_n", plan.block_n)):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"the Triton kernel needs plan.{name} a power of two >= 16, got {b}")
     if q.device.type != "cuda" and not kmod.triton_interpreting():
         raise RuntimeError(
             f"tensors are on {q.device} and Triton is not in interpreter mode: use CUDA tensors "
             "or set TRITON_INTERPRET=1 before triton is first imported"
         )
-    for name, b in (("block_m", plan.block_m), ("block_n", plan.block_n)):
-        if b < 16 or b & (b - 1):
-            raise ValueError(f"the Triton kernel needs plan.{name} a power of two >= 16, got {b}")
     return kmod.tree_attention_fwd(
         q,
         k,
