@@ -1,6 +1,7 @@
 """The measuring stages of scripts/gpu_check.sh, one subcommand each; each writes
 ``OUT/<stage>.json`` (rows of metrics + ok + notes) and ``summary`` prints them as tables.
 
+    python3 scripts/gpu_check.py aot      --out DIR               compile for sm_90 without a GPU
     python3 scripts/gpu_check.py compiled --out DIR [--dry-run]   kernels compiled, not interpreted
     python3 scripts/gpu_check.py logprob  --out DIR [--dry-run]   fused log-prob, 8B LM-head shape
     python3 scripts/gpu_check.py tree     --out DIR [--dry-run]   tree attention, 8B head shape
@@ -200,6 +201,109 @@ def stage_compiled(out: Path, dry: bool) -> bool:
         notes.append("dry run: the kernels are expected to be interpreted")
     ok = all(r["ok"] for r in rows)
     write(out, "compiled", {"ok": ok, "rows": rows, "notes": notes})
+    return ok
+
+
+# --------------------------------------------------------------------------- AOT (no GPU)
+
+
+def _aot_compile(fn, sig: dict, consts: dict, unit: tuple, div16: tuple, warps: int, stages: int):
+    """``triton.compile`` for sm_90 without a GPU, with the JIT's specialisations: ``unit``
+    arguments == 1 (inner strides), ``div16`` ones divisible by 16. Returns kernel facts
+    from ptxas (registers, spill stack via cuobjdump), shared memory and wgmma use."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    consts = {**consts, **{name: 1 for name in unit}}
+    sig = {**sig, **{name: "constexpr" for name in consts}}
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "num_stages": stages})  # fmt: skip
+    info = {"warps": warps, "stages": stages, "smem": k.metadata.shared,
+            "wgmma": "wgmma" in k.asm["ptx"], "regs": None, "spill_bytes": None}  # fmt: skip
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        res = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True).stdout  # fmt: skip
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", res, re.S)
+    if m:
+        info.update(regs=int(m.group(1)), spill_bytes=int(m.group(2)))
+    return info
+
+
+def stage_aot(out: Path, dry: bool) -> bool:
+    """Compile both Triton kernels for sm_90 on a machine without a GPU, at the tiles the
+    library picks on an H100/H200 (227 KB of shared memory), and report registers and spills
+    (CI: catches compiled-mode errors the interpreter cannot). Needs TRITON_INTERPRET unset."""
+    torch = _torch()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("the aot stage needs TRITON_INTERPRET unset")
+    from flr_engine.kernels import fused_logprob as kfl
+    from flr_engine.kernels import tree_attention as kta
+    from flr_engine.ops.tree_attention import suggested_block_sizes
+
+    smem = 227 * 1024
+    rows = []
+    fl_sig = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*fp32", "t_ptr": "*i64",
+              "m_ptr": "*fp32", "s_ptr": "*fp32", "zt_ptr": "*fp32", "N": "i32", "H": "i32",
+              "V": "i32", "split_size": "i32", "stride_hn": "i32", "stride_hh": "i32",
+              "stride_wv": "i32", "stride_wh": "i32", "logit_scale": "fp32", "softcap": "fp32",
+              "ignore_index": "i32", "row_blocks": "i32", "num_splits": "i32"}  # fmt: skip
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        bn, bv, bh, nw, ns = kfl.launch_config(8192, 4096, 128256, dtype, smem)
+        sig = {**fl_sig, "h_ptr": f"*{name}", "w_ptr": f"*{name}"}
+        consts = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "BLOCK_N": bn, "BLOCK_V": bv,
+                  "BLOCK_H": bh, "INPUT_PRECISION": "ieee" if name == "fp32" else "tf32",
+                  "UPCAST": False, "GROUP_N": 8}  # fmt: skip
+        row = {"kernel": f"fused_logprob {name} {bn}x{bv}x{bh}"}
+        try:
+            row.update(_aot_compile(
+                kfl._fused_logprob_fwd_kernel, sig, consts, ("stride_hh", "stride_wh"),
+                ("h_ptr", "w_ptr", "b_ptr", "t_ptr", "m_ptr", "s_ptr", "zt_ptr", "H",
+                 "stride_hn", "stride_wv"), nw, ns))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - a failed compile is the result
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        rows.append(row)
+    ta_sig = {**{n: "*bf16" for n in ("Q", "K", "V", "Out")}, "Lse": "*fp32",
+              **{n: "*i32" for n in ("SubEnd", "Pos", "BlkPtr", "BlkFullEnd", "BlkIdx")},
+              "qk_scale": "fp32", "softcap": "fp32", "window": "i32", "T": "i32", "D": "i32",
+              "GROUP": "i32"}  # fmt: skip
+    for name in "qh qt qd kh kt kd vh vt vd ot oh od lt lh".split():  # the kernel's order
+        ta_sig[f"stride_{name}"] = "i32"
+    cases = [(64, torch.bfloat16, False), (128, torch.bfloat16, False), (128, torch.bfloat16, True),
+             (256, torch.bfloat16, False), (128, torch.float32, False), (256, torch.float32, True)]  # fmt: skip
+    for d, dtype, ws in cases:
+        name = "fp32" if dtype == torch.float32 else "bf16"
+        bm, bn = suggested_block_sizes(d, dtype, "triton", smem=smem)
+        nw, ns = kta.launch_config(bm, bn, d, 4 if name == "fp32" else 2, smem)
+        sig = {**ta_sig, **{n: f"*{name}" for n in ("Q", "K", "V", "Out")}}
+        consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": d, "HAS_WINDOW": ws,
+                  "HAS_SOFTCAP": ws, "WRITE_LSE": ws, "UPCAST": False,
+                  "DOT_PREC": "ieee" if name == "fp32" else "tf32"}  # fmt: skip
+        label = f"tree_attention {name} D={d} {bm}x{bn}" + (" window+softcap" if ws else "")
+        row = {"kernel": label}
+        try:
+            row.update(_aot_compile(
+                kta._tree_attn_fwd_kernel, sig, consts,
+                ("stride_qd", "stride_kd", "stride_vd", "stride_od"),
+                ("Q", "K", "V", "Out", "Lse", "SubEnd", "Pos", "BlkPtr", "BlkFullEnd", "BlkIdx",
+                 "stride_qh", "stride_qt", "stride_kh", "stride_kt", "stride_vh", "stride_vt",
+                 "stride_ot", "stride_oh"), nw, ns))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        rows.append(row)
+    ok = all("error" not in r and r["smem"] <= smem for r in rows)
+    notes = ["compiled for sm_90 (GPUTarget cuda 90) without a GPU; spill_bytes > 0 costs speed"]
+    write(out, "aot", {"ok": ok, "rows": rows, "notes": notes})
     return ok
 
 
@@ -575,7 +679,7 @@ def _print_note(note) -> None:
 
 
 def stage_summary(out: Path, dry: bool) -> bool:
-    for stage in ("compiled", "logprob", "tree", "engine"):
+    for stage in ("aot", "compiled", "logprob", "tree", "engine"):
         path = out / f"{stage}.json"
         if not path.exists():
             print(f"\n== {stage}: no result (stage failed or skipped; see {stage}.log)")
@@ -598,6 +702,7 @@ def stage_summary(out: Path, dry: bool) -> bool:
 
 
 STAGES = {
+    "aot": stage_aot,
     "compiled": stage_compiled,
     "logprob": stage_logprob,
     "tree": stage_tree,

@@ -13,6 +13,9 @@
 #   build     pip install --no-build-isolation --no-deps -e . with FLR_ENGINE_FORCE_CUDA=1 for
 #             this device's arch (C++ and CUDA extensions); on failure, build-cpp retries
 #             without CUDA so the later stages still run. Dry run: the CUDA compile check.
+#   aot       dry run only: both Triton kernels compiled for sm_90 without a GPU (triton.compile
+#             for GPUTarget("cuda", 90)) at the tiles the library picks on an H100/H200:
+#             registers, spills, shared memory -- compiled-mode errors reach CI
 #   compiled  the Triton kernels ran compiled (TRITON_INTERPRET unset, cubins in the JIT
 #             caches; registers / spills / wgmma listed) and _C_cuda runs
 #   logprob   fused log-prob, N=8192 H=4096 V=128256 bf16: Triton / chunked torch / naive
@@ -173,6 +176,7 @@ if [ "$dry" = 0 ]; then
   export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$root
 else
   run_stage build 300 stage_build_dry
+  run_stage aot 300 env -u TRITON_INTERPRET "$py" scripts/gpu_check.py aot --out "$OUT"
 fi
 for stage in compiled logprob tree engine; do
   limit=150

@@ -497,11 +497,13 @@ def test_torch_path_gradients_match_dense_reference(softcap):
     "D,dtype,smem,want",
     [
         (128, torch.bfloat16, 227 * 1024, (128, 64)),  # H100/H200: two warpgroups of rows
-        (256, torch.bfloat16, 227 * 1024, (64, 64)),
-        (256, torch.float32, 227 * 1024, (64, 32)),  # 64 x 64 would need ~344 KB
-        (128, torch.float32, 163 * 1024, (64, 32)),  # A100
-        (128, torch.bfloat16, 99 * 1024, (64, 64)),  # consumer parts
-        (256, torch.float32, 99 * 1024, (16, 16)),
+        (64, torch.float16, 163 * 1024, (128, 64)),  # A100
+        (256, torch.bfloat16, 227 * 1024, (128, 16)),  # 64x32 spills registers at D=256
+        (256, torch.float32, 227 * 1024, (16, 16)),  # 64 x 64 would need ~344 KB
+        (128, torch.float32, 163 * 1024, (16, 16)),
+        (80, torch.float32, 227 * 1024, (16, 16)),  # D=80 runs padded to 128
+        (128, torch.bfloat16, 99 * 1024, (64, 64)),  # consumer parts: 128x64 does not fit
+        (256, torch.bfloat16, 99 * 1024, (32, 32)),
     ],
 )
 def test_suggested_tiles_fit_shared_memory(D, dtype, smem, want):
@@ -514,9 +516,11 @@ def test_suggested_tiles_fit_shared_memory(D, dtype, smem, want):
     assert kmod.smem_bytes(bm, bn, D, elem, 2) * 1.1 <= smem
     if (D, dtype) == (256, torch.float32):  # the old fixed 64 x 64 tile cannot launch there
         assert kmod.smem_bytes(64, 64, D, elem, 2) > smem
-    # 64-row tiles get one warpgroup (4 warps), 128-row tiles two: no repeated wgmma work
+    # 16-bit: 8 warps for 128-row tiles (two warpgroups, one 64-row wgmma each) and for
+    # 64-row tiles with D > 64 (4 spill); fp32 (FMA dots): 4
     warps, stages = kmod.launch_config(bm, bn, D, elem, smem)
-    assert warps == bm // 16 and stages >= 2
+    wide = bm >= 128 or (bm >= 64 and D > 64)
+    assert warps == (8 if elem == 2 and wide else 4) and stages >= 2
     assert suggested_block_sizes(D, dtype, "torch") == (64, 64)
 
 

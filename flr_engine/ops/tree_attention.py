@@ -563,9 +563,16 @@ def _run_triton(q, k, v, subtree_end, positions, plan, scale, sliding_window, so
     )
 
 
-# Triton tiles in order of preference: (block_m, block_n). 128-row query tiles feed two Hopper
-# warpgroups (8 warps) without repeating work; smaller ones are for tight shared memory.
-_TRITON_TILES = ((128, 64), (64, 64), (64, 32), (32, 32), (16, 32), (16, 16))
+# Triton tiles (block_m, block_n) per padded head dim, chosen from sm_90 compiles of the
+# kernel (ptxas resource usage; see kernels/tree_attention.py:launch_config): the largest
+# query tile whose registers do not spill. 16-bit: bf16 D=128 at 128x64 uses 181 registers
+# (8 warps; 231 with window and softcap), D=256 at 128x16 uses 235-245 where 64x32 spills.
+# fp32 (IEEE dots on FMA units): small tiles (64x64 at D=128 spills 2 KB per thread and
+# compiles for 15 s, 16x32 spills 448 B; 16x16 uses 97-104 registers, 32x16 at D=64 202).
+_TILES_16BIT = {64: (128, 64), 128: (128, 64), 256: (128, 16)}
+_TILES_FP32 = {64: (32, 16), 128: (16, 16), 256: (16, 16)}
+# then, where the shared memory of the preferred tile does not fit, in this order
+_FALLBACK_TILES = ((64, 64), (64, 32), (32, 32), (16, 32), (16, 16))
 
 
 def suggested_block_sizes(
@@ -577,12 +584,13 @@ def suggested_block_sizes(
 ) -> tuple[int, int]:
     """(block_m, block_n) for :meth:`TreeAttentionPlan.build`.
 
-    Triton: the first tile of ``_TRITON_TILES`` whose shared memory at 2 stages
-    (:func:`flr_engine.kernels.tree_attention.smem_bytes`, plus 10%) fits ``smem`` --
-    by default the opt-in limit of ``device`` (227 KB on H100/H200, 163 KB on A100, 99 KB
-    on consumer parts; 96 KB when no CUDA device is given). E.g. bf16 D=128 on H100:
-    (128, 64); fp32 D=256 on H100: (64, 32) (the old fixed 64 x 64 needed ~344 KB there
-    and could not launch). torch / dense: (64, 64).
+    Triton: the tile of ``_TILES_16BIT`` / ``_TILES_FP32`` for ``pow2(head_dim)`` (register
+    fit, measured by compiling for sm_90), or the first of ``_FALLBACK_TILES`` whose shared
+    memory at 2 stages (:func:`flr_engine.kernels.tree_attention.smem_bytes`, plus 10%, a
+    conservative estimate) fits ``smem`` -- by default the opt-in limit of ``device`` (227 KB
+    on H100/H200, 163 KB on A100, 99 KB on consumer parts; 96 KB when no CUDA device is
+    given). E.g. bf16 D=128 -> (128, 64); fp32 D=256 -> (16, 16) (the old fixed 64 x 64
+    needed ~344 KB there and could not launch). torch / dense: (64, 64).
     """
     if impl not in ("triton", "auto"):
         return 64, 64
@@ -592,10 +600,13 @@ def suggested_block_sizes(
         dev = torch.device(device) if device is not None else torch.device("cpu")
         smem = smem_budget(dev)
     elem = 4 if dtype == torch.float32 else 2
-    for bm, bn in _TRITON_TILES:
+    dp = max(64, 1 << (head_dim - 1).bit_length())
+    table = _TILES_FP32 if elem == 4 else _TILES_16BIT
+    preferred = table.get(dp, _FALLBACK_TILES[-1])
+    for bm, bn in (preferred, *_FALLBACK_TILES):
         if smem_bytes(bm, bn, head_dim, elem, 2) * 11 // 10 <= smem:
             return bm, bn
-    return _TRITON_TILES[-1]
+    return _FALLBACK_TILES[-1]
 
 
 def _needs_grad(*xs: torch.Tensor) -> bool:
