@@ -217,8 +217,10 @@ def test_gpu_dpo_packed_backward_matches_plain(arch):
         model.zero_grad(set_to_none=True)
         sums, _ = completion_logprobs(model, seqs, starts, forward=fwd)
         (sums * weights).sum().backward()
-        results[fwd] = (sums.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[fwd] = (sums.detach(), grads)
     (ref, ref_grads), (got, grads) = results["plain"], results["packed"]
+    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(model.parameters()))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
     for n, gr in grads.items():
         torch.testing.assert_close(gr, ref_grads[n], rtol=1e-3, atol=1e-4, msg=n)
