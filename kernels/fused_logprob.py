@@ -7,10 +7,19 @@ For rows ``n`` of ``hidden`` (N, H), an LM head ``weight`` (V, H) and an optiona
     lse[n]   = logsumexp_v z[n, v]
     logp[n]  = z[n, targets[n]] - lse[n]     (0 where targets[n] == ignore_index)
 
-One program handles ``BLOCK_N`` rows and walks the vocabulary in ``BLOCK_V`` tiles; each tile's
-logits (BLOCK_N, BLOCK_V) come from ``tl.dot`` over ``BLOCK_H`` slices of the hidden size and
-are folded into an online (running max, running sum) log-sum-exp, while the target logit is
+One program handles ``BLOCK_N`` rows and walks one vocabulary split in ``BLOCK_V`` tiles; each
+tile's logits (BLOCK_N, BLOCK_V) come from ``tl.dot`` over ``BLOCK_H`` slices of the hidden size
+and are folded into an online (running max, running sum) log-sum-exp, while the target logit is
 picked out of the tile that holds it. The (N, V) logits never exist in memory.
+
+Compiled tiles (:func:`launch_config`): 128 x 128 x 64 with 8 warps (two Hopper warpgroups)
+and 4 stages where the device has >= ~144 KB of shared memory per block (A100 / H100 / H200;
+128 KB of bf16 operand buffers), smaller elsewhere. The hidden block is re-read per vocabulary
+tile (from L2), so the arithmetic intensity against L2 is ``BLOCK_N * BLOCK_V / (BLOCK_N +
+BLOCK_V)`` flop/byte: 64 at 128 x 128 vs 43 at the old 64 x 128 (85 at 128 x 256, whose
+128-register fp32 accumulator per thread risks spills in the softmax epilogue; the GPU check
+sweeps both). Programs are ordered in groups of ``GROUP_N`` row blocks
+(all splits of a group before the next group), so the hidden rows in flight stay L2-resident.
 
 The kernel runs on CUDA tensors, or on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before triton is first imported). Importing this module never
@@ -20,6 +29,7 @@ The backward pass lives in :mod:`flr_engine.ops.fused_logprob` (chunked torch ma
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -67,6 +77,8 @@ if HAS_TRITON:
         logit_scale,
         softcap,
         ignore_index,
+        row_blocks,
+        num_splits,
         HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -74,9 +86,16 @@ if HAS_TRITON:
         BLOCK_H: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         UPCAST: tl.constexpr,
+        GROUP_N: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        split = tl.program_id(1)
+        # grouped order over (row block, split): GROUP_N row blocks x all splits, then the next
+        # GROUP_N row blocks; the hidden rows a wave of programs touches stay in L2
+        p = tl.program_id(0)
+        per_group = GROUP_N * num_splits
+        first = (p // per_group) * GROUP_N
+        size = tl.minimum(row_blocks - first, GROUP_N)
+        pid = first + (p % per_group) % size
+        split = (p % per_group) // size
         v_begin = split * split_size
         v_end = tl.minimum(v_begin + split_size, V)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -140,22 +159,71 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _default_blocks(n: int, h: int, v: int, interpreted: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps). tl.dot needs every block dim >= 16."""
+def smem_budget(device: torch.device) -> int:
+    """Shared memory one block may opt in to on ``device`` (bytes); 96 KiB off CUDA."""
+    if device.type != "cuda":
+        return 96 * 1024
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    if optin:
+        return int(optin)
+    major, minor = props.major, props.minor  # older torch: by architecture
+    return {(8, 0): 163, (9, 0): 227, (10, 0): 227}.get((major, minor), 99) * 1024
+
+
+def operand_smem(block_n: int, block_v: int, block_h: int, stages: int, elem_bytes: int) -> int:
+    """Bytes of the pipelined operand buffers: ``stages * (BN * BH + BH * BV) * elem``."""
+    return stages * (block_n * block_h + block_h * block_v) * elem_bytes
+
+
+def launch_config(
+    n: int, h: int, v: int, dtype: torch.dtype, smem: int, interpreted: bool = False
+) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) for (N, H) rows, V entries, ``dtype``.
+
+    The first candidate whose operand buffers (plus a 10% margin for the epilogue's layout
+    conversions) fit ``smem`` wins. tl.dot needs every block dim >= 16; small N shrinks
+    BLOCK_N to the next power of two (the vocabulary splits keep the GPU busy then).
+    """
     if interpreted:  # numpy per program: few, wide tiles keep the Python loop short
-        return 16, min(256, max(16, _next_pow2(v))), min(128, max(16, _next_pow2(h))), 4
-    block_n = 64 if n > 32 else max(16, _next_pow2(n))
-    return block_n, 128, 64, 8 if block_n >= 64 else 4
+        return 16, min(256, max(16, _next_pow2(v))), min(128, max(16, _next_pow2(h))), 4, 1
+    elem = 4 if dtype == torch.float32 else 2
+    if elem == 4:  # fp32: IEEE dots run on FMA units; 128x128 spills registers on sm_90
+        cands = [(64, 64, 32, 4, 2), (32, 64, 16, 4, 2)]
+    else:
+        cands = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3),
+                 (64, 64, 32, 4, 2)]  # fmt: skip
+    bn, bv, bh, nw, ns = cands[-1]
+    for c in cands:
+        if operand_smem(c[0], c[1], c[2], c[4], elem) * 11 // 10 <= smem:
+            bn, bv, bh, nw, ns = c
+            break
+    if n < bn:  # few rows: a smaller row tile, 4 warps
+        bn = max(16, _next_pow2(n))
+        nw = 4 if bn < 128 else nw
+    return bn, bv, bh, nw, ns
 
 
-def _default_splits(row_blocks: int, v: int, block_v: int, device: torch.device) -> int:
-    """Vocabulary splits so that a small N still fills the GPU (~2 programs per SM), with at
-    least 4 tiles per split; 1 on the interpreter."""
+def _default_splits(
+    row_blocks: int, v: int, block_v: int, device: torch.device, per_sm: int
+) -> int:
+    """Vocabulary splits S that make ``row_blocks * S`` programs fill whole waves of
+    ``SMs * per_sm`` (the last wave of a 2.4-wave grid idles 60% of the GPU), keeping >= 4
+    tiles per split; 1 on the interpreter. Ties go to fewer splits (less merging)."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = -(-2 * sms // row_blocks)
-    return max(1, min(want, v // (4 * block_v)))
+    slots = torch.cuda.get_device_properties(device).multi_processor_count * max(1, per_sm)
+    most = max(1, min(v // (4 * block_v), 4 * slots))
+    best, best_eff = 1, -1.0
+    for s in range(1, most + 1):
+        progs = row_blocks * s
+        waves = -(-progs // slots)
+        eff = progs / (waves * slots)
+        if eff > best_eff + 0.02:  # a split more must buy > 2% of the GPU
+            best, best_eff = s, eff
+        if progs >= 4 * slots:
+            break
+    return best
 
 
 def fused_logprob_forward(
@@ -171,17 +239,21 @@ def fused_logprob_forward(
     block_v: int | None = None,
     block_h: int | None = None,
     num_warps: int | None = None,
+    num_stages: int | None = None,
     num_splits: int | None = None,
+    group_n: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton forward: returns ``(logp, lse)``, both (N,) fp32.
 
     ``hidden`` (N, H) and ``weight`` (V, H) share one dtype (fp32, bf16 or fp16) and may have
-    any strides; ``bias`` is (V,) or None; ``targets`` is (N,) int64. The grid is
-    (row blocks, vocabulary splits); each program writes a partial (max, sum, target logit)
+    any strides; ``bias`` is (V,) or None; ``targets`` is (N,) int64. The grid is the
+    (row blocks x vocabulary splits) programs in grouped order; each program writes a partial (max, sum, target logit)
     and a few (S, N) torch ops merge the splits. Inputs are trusted (the public op
     :func:`flr_engine.ops.fused_logprob.flr_gathered_logprob` validates them); a target
     outside ``[0, V)`` that is not ``ignore_index`` yields ``-lse`` silently.
     fp32 inputs use IEEE fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
+    Tiles default to :func:`launch_config` for the device; the keyword arguments override
+    them (benchmarks sweep them).
     """
     if not HAS_TRITON:
         raise ImportError(
@@ -207,13 +279,16 @@ def fused_logprob_forward(
     targets = targets.to(torch.int64).contiguous()
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()
-    bn, bv, bh, nw = _default_blocks(n, h, v, INTERPRETED)
+    smem = smem_budget(device)
+    bn, bv, bh, nw, ns = launch_config(n, h, v, hidden.dtype, smem, INTERPRETED)
     bn, bv, bh = block_n or bn, block_v or bv, block_h or bh
-    nw = num_warps or nw
+    nw, ns = num_warps or nw, num_stages or ns
     if min(bn, bv, bh) < 16:
         raise ValueError(f"block sizes must be >= 16 for tl.dot, got {(bn, bv, bh)}")
     row_blocks = triton.cdiv(n, bn)
-    splits = num_splits or _default_splits(row_blocks, v, bv, device)
+    elem = hidden.element_size()
+    per_sm = max(1, smem // max(1, operand_smem(bn, bv, bh, ns, elem) * 11 // 10))
+    splits = num_splits or _default_splits(row_blocks, v, bv, device, min(per_sm, 2))
     split_size = triton.cdiv(triton.cdiv(v, splits), bv) * bv  # whole tiles per split
     splits = triton.cdiv(v, split_size)  # no empty split
     # fp32: IEEE dots unless torch allows TF32; half dtypes: Triton's default (the setting
@@ -222,34 +297,40 @@ def fused_logprob_forward(
     if hidden.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         precision = "ieee"
     part = torch.empty(3, splits, n, dtype=torch.float32, device=device)  # (3, S, N)
-    _fused_logprob_fwd_kernel[(row_blocks, splits)](
-        hidden,
-        weight,
-        bias if bias is not None else part,  # dummy pointer, never read
-        targets,
-        part[0],
-        part[1],
-        part[2],
-        n,
-        h,
-        v,
-        split_size,
-        hidden.stride(0),
-        hidden.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        float(logit_scale),
-        float(softcap) if softcap is not None else 1.0,
-        int(ignore_index),
-        HAS_BIAS=bias is not None,
-        HAS_SOFTCAP=softcap is not None,
-        BLOCK_N=bn,
-        BLOCK_V=bv,
-        BLOCK_H=bh,
-        INPUT_PRECISION=precision,
-        UPCAST=INTERPRETED and hidden.dtype == torch.bfloat16,
-        num_warps=nw,
-    )
+    launch = {} if INTERPRETED else {"num_warps": nw, "num_stages": ns}
+    on_gpu = device.type == "cuda"  # launch on the tensors' GPU, not the current one
+    with torch.cuda.device(device) if on_gpu else contextlib.nullcontext():
+        _fused_logprob_fwd_kernel[(row_blocks * splits,)](
+            hidden,
+            weight,
+            bias if bias is not None else part,  # dummy pointer, never read
+            targets,
+            part[0],
+            part[1],
+            part[2],
+            n,
+            h,
+            v,
+            split_size,
+            hidden.stride(0),
+            hidden.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            float(logit_scale),
+            float(softcap) if softcap is not None else 1.0,
+            int(ignore_index),
+            row_blocks,
+            splits,
+            HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=softcap is not None,
+            BLOCK_N=bn,
+            BLOCK_V=bv,
+            BLOCK_H=bh,
+            INPUT_PRECISION=precision,
+            UPCAST=INTERPRETED and hidden.dtype == torch.bfloat16,
+            GROUP_N=max(1, int(group_n)),
+            **launch,
+        )
     m_part, s_part, zt_part = part.unbind(0)  # (S, N) each
     m = m_part.amax(dim=0)  # (N,)
     lse = m + torch.log((s_part * torch.exp(m_part - m)).sum(dim=0))  # (N,)

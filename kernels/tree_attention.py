@@ -30,7 +30,13 @@ import torch
 from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR  # guarded: may be None
 from ._triton import tl, triton
 
-__all__ = ["tree_attention_fwd", "triton_available", "triton_interpreting"]
+__all__ = [
+    "launch_config",
+    "smem_bytes",
+    "tree_attention_fwd",
+    "triton_available",
+    "triton_interpreting",
+]
 
 
 def triton_available() -> bool:
@@ -195,20 +201,25 @@ if triton is not None:
         e_start = tl.load(BlkPtr + qb)
         e_mid = tl.load(BlkFullEnd + qb)
         e_end = tl.load(BlkPtr + qb + 1)
+        # the key-block index is read one iteration ahead, so the K / V addresses of the next
+        # block are known when an iteration starts and the pipeliner can prefetch them
+        kb = tl.load(BlkIdx + e_start, mask=e_start < e_end, other=0)
         for e in range(e_start, e_mid):  # FULL key blocks: no mask
-            kb = tl.load(BlkIdx + e)
+            kb_next = tl.load(BlkIdx + e + 1, mask=e + 1 < e_end, other=0)
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, offs_m, pos_q, kb, K_head, V_head, SubEnd, Pos,
                 qk_scale, softcap, window, T, D, stride_kt, stride_kd, stride_vt, stride_vd,
                 BLOCK_N, BLOCK_D, False, HAS_WINDOW, HAS_SOFTCAP, UPCAST, DOT_PREC,
             )  # fmt: skip
+            kb = kb_next
         for e in range(e_mid, e_end):  # PARTIAL key blocks: tree / window mask
-            kb = tl.load(BlkIdx + e)
+            kb_next = tl.load(BlkIdx + e + 1, mask=e + 1 < e_end, other=0)
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, offs_m, pos_q, kb, K_head, V_head, SubEnd, Pos,
                 qk_scale, softcap, window, T, D, stride_kt, stride_kd, stride_vt, stride_vd,
                 BLOCK_N, BLOCK_D, True, HAS_WINDOW, HAS_SOFTCAP, UPCAST, DOT_PREC,
             )  # fmt: skip
+            kb = kb_next
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # padded rows (i >= T) only
         out = acc / l_safe[:, None]
@@ -226,6 +237,50 @@ if triton is not None:
             tl.store(Lse + offs_m * stride_lt + h * stride_lh, lse, mask=m_ok)
 else:  # pragma: no cover
     _tree_attn_fwd_kernel = None
+
+
+def smem_bytes(block_m: int, block_n: int, head_dim: int, elem_bytes: int, stages: int) -> int:
+    """Shared memory of one program, estimated (bytes)::
+
+        (BLOCK_M * Dp + stages * 2 * BLOCK_N * Dp + BLOCK_M * BLOCK_N) * elem_bytes
+
+    the Q tile, the pipelined K and V tiles and the P tile on its way to the second dot;
+    ``Dp = pow2(D)``. fp32 tiles count 4 bytes (IEEE / TF32 dots read fp32 operands).
+    """
+    dp = max(16, 1 << (head_dim - 1).bit_length())
+    return (block_m * dp + stages * 2 * block_n * dp + block_m * block_n) * elem_bytes
+
+
+def launch_config(
+    block_m: int, block_n: int, head_dim: int, elem_bytes: int, smem: int
+) -> tuple[int, int]:
+    """(num_warps, num_stages) for a tile.
+
+    Warps, from sm_90 compiles of this kernel (``triton.compile`` for ``GPUTarget("cuda",
+    90, 32)``, ptxas resource usage, unit inner strides as the JIT specialises them):
+    16-bit tiles with 128 rows, or 64 rows and D > 64, take 8 warps (bf16 D=128: 128x64 ->
+    181 registers, 64x64 -> 178, no spills; 64x64 at 4 warps spills), smaller ones 4; fp32
+    (IEEE dots on FMA units) 4. Stages: 3 where the estimated shared memory fits ``smem`` with a 10%
+    margin, else 2, else 1.
+    """
+    dp = max(16, 1 << (head_dim - 1).bit_length())
+    wide = block_m >= 128 or (block_m >= 64 and dp > 64)
+    warps = 8 if elem_bytes == 2 and wide else 4
+    for stages in (3, 2):
+        if smem_bytes(block_m, block_n, head_dim, elem_bytes, stages) * 11 // 10 <= smem:
+            return warps, stages
+    return warps, 1
+
+
+def smem_budget(device: torch.device) -> int:
+    """Shared memory one block may opt in to on ``device`` (bytes); 96 KiB off CUDA."""
+    if device.type != "cuda":
+        return 96 * 1024
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    if optin:
+        return int(optin)
+    return {(8, 0): 163, (9, 0): 227, (10, 0): 227}.get((props.major, props.minor), 99) * 1024
 
 
 def _require_triton() -> None:
@@ -289,8 +344,10 @@ def tree_attention_fwd(
     dot_prec = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
     kwargs = {}
     if not interp:
-        kwargs["num_warps"] = num_warps or (4 if block_d <= 64 else 8)
-        kwargs["num_stages"] = num_stages or 2
+        elem = 4 if q.dtype == torch.float32 else 2
+        warps, stages = launch_config(block_m, block_n, D, elem, smem_budget(q.device))
+        kwargs["num_warps"] = num_warps or warps
+        kwargs["num_stages"] = num_stages or stages
     on_gpu = q.device.type == "cuda"  # launch on q's GPU, not the current one
     with torch.cuda.device(q.device) if on_gpu else contextlib.nullcontext():
         _tree_attn_fwd_kernel[(nqb, Hq)](

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile-only check of every CUDA source in csrc/cuda (no torch, no GPU needed).
+# Compile-only check of every CUDA source in csrc/cuda (no torch, no GPU needed), with the
+# flags setup.py builds with (csrc/cuda/nvcc.flags).
 #
 #   scripts/compile_cuda.sh            # every csrc/cuda/*.cu for sm_80 and sm_90
 #   FLR_CUDA_ARCHS="sm_80" scripts/compile_cuda.sh
@@ -28,13 +29,14 @@ if [ "${#sources[@]}" -eq 0 ]; then
   exit 0
 fi
 
+read -r -a flags < "$root/csrc/cuda/nvcc.flags"  # a builtin: works with an empty PATH too
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 failed=0
 for src in "${sources[@]}"; do
   for arch in $archs; do
     obj="$out/$(basename "$src" .cu).$arch.o"
-    if "$nvcc_bin" -c -std=c++17 -arch="$arch" -O3 -I"$root/csrc/cuda" -o "$obj" "$src"; then
+    if "$nvcc_bin" -c "${flags[@]}" -arch="$arch" -I"$root/csrc/cuda" -o "$obj" "$src"; then
       echo "ok    $arch  ${src#"$root"/}"
     else
       echo "FAIL  $arch  ${src#"$root"/}"

@@ -1,7 +1,10 @@
 """Shared test set-up.
 
-* Triton kernels run on the CPU through the interpreter: TRITON_INTERPRET must be set
-  before triton is first imported, so it is set here when no CUDA device is present.
+* Triton kernels run on the CPU through the interpreter where no CUDA device is usable:
+  TRITON_INTERPRET must be set before triton is first imported, so it is set here, and only
+  then (``torch.cuda.is_available()``, not a device file: a container may expose a GPU
+  without /dev/nvidia0, or show the file with no usable driver). With a GPU the same Triton
+  tests run compiled, on CUDA tensors. ``import torch`` does not import triton.
 * The tests' tensors are tiny: one torch thread avoids OpenMP spin-waits that make a loaded
   2-core machine ~100x slower on small ops (benches/ do not use this file).
 """
@@ -9,11 +12,11 @@
 import os
 import sys
 
-if not os.path.exists("/dev/nvidia0"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny.py

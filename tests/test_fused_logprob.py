@@ -1,7 +1,9 @@
 """Fused gathered log-prob: every impl against the full-logits reference.
 
-CPU: the chunked torch path, the Triton kernel under TRITON_INTERPRET=1 (set by conftest.py),
-and the reference. The CUDA extension and Triton-on-GPU are behind ``-m gpu``.
+CPU: the chunked torch path, the Triton kernel under TRITON_INTERPRET=1 (set by conftest.py
+when no CUDA device is usable), and the reference. On a GPU machine the same Triton tests run
+the compiled kernel: ``_run`` moves the inputs to CUDA (and the outputs back, differentiably).
+The CUDA extension and the large GPU shapes are behind ``-m gpu``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ def _has_triton() -> bool:
 
 
 needs_triton = pytest.mark.skipif(not _has_triton(), reason="triton (interpreter) unavailable")
+
+
+def _triton_device() -> str:
+    """Where the Triton tests' tensors go: CPU under the interpreter, else CUDA."""
+    from flr_engine.kernels import fused_logprob as kmod
+
+    return "cpu" if kmod.INTERPRETED else "cuda"
+
+
 CPU_IMPLS = ["torch", pytest.param("triton", marks=needs_triton), "reference"]
 
 
@@ -77,7 +88,17 @@ OPTIONS = [
 
 
 def _run(impl, hidden, weight, targets, bias=None, **kw):
-    return flr_gathered_logprob(hidden, weight, targets, bias=bias, impl=impl, **kw)
+    """``flr_gathered_logprob``; for impl="triton" the inputs go to the kernel's device and
+    the outputs come back to the inputs' device (autograd flows through both copies)."""
+    home = hidden.device
+    if impl == "triton" and str(home) != _triton_device():
+        dev = _triton_device()
+        hidden, weight, targets = hidden.to(dev), weight.to(dev), targets.to(dev)
+        bias = bias.to(dev) if bias is not None else None
+    out = flr_gathered_logprob(hidden, weight, targets, bias=bias, impl=impl, **kw)
+    if isinstance(out, tuple):
+        return tuple(o.to(home) for o in out)
+    return out.to(home)
 
 
 # --------------------------------------------------------------------------------------
@@ -183,21 +204,50 @@ def test_empty_input(impl):
 @needs_triton
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_vocab_splits(num_splits, dtype):
-    """The GPU grid splits the vocabulary for small N; exercise the merge on the interpreter."""
+@pytest.mark.parametrize("group_n", [1, 2, 8])
+def test_triton_vocab_splits_and_grouped_order(num_splits, dtype, group_n):
+    """The grid is (row blocks x vocabulary splits) in groups of ``group_n`` row blocks: 70 rows
+    in 16-row blocks make 5 row blocks (a partial last group for group_n=2), V=1009 a partial
+    last tile; every (row block, split) must be visited once and merged exactly."""
     from flr_engine.kernels.fused_logprob import fused_logprob_forward
 
-    hidden, weight, bias, targets = make_inputs(21, 40, 1009, bias=True, n_ignored=2)
+    dev = _triton_device()
+    hidden, weight, bias, targets = make_inputs(70, 40, 1009, bias=True, n_ignored=2, device=dev)
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     logp, lse = fused_logprob_forward(
-        hidden, weight, bias, targets, 0.9, 6.0, -100, block_v=64, block_h=32,
-        num_splits=num_splits,
+        hidden, weight, bias, targets, 0.9, 6.0, -100, block_n=16, block_v=64, block_h=32,
+        num_splits=num_splits, group_n=group_n,
     )  # fmt: skip
     ref, ref_lse = gathered_logprob_reference(
         hidden, weight, targets, bias=bias, logit_scale=0.9, softcap=6.0, return_lse=True
     )
     torch.testing.assert_close(logp, ref, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "n,dtype,smem,want",
+    [
+        # H100/H200 (227 KB opt-in): 128 x 128 x 64 bf16 at 4 stages = 128 KB of operands
+        (8192, torch.bfloat16, 227 * 1024, (128, 128, 64, 8, 4)),
+        # A100 (163 KB): the same tile still fits (128 KB + 10% = 141 KB)
+        (8192, torch.bfloat16, 163 * 1024, (128, 128, 64, 8, 4)),
+        # consumer parts (99 KB): 128 x 128 x 64 at 3 stages = 96 KB does not fit with the
+        # margin, 64 x 128 x 64 at 3 stages = 72 KB does
+        (8192, torch.float16, 99 * 1024, (64, 128, 64, 4, 3)),
+        # fp32 (IEEE dots on FMA units): 64 x 64 x 32, 2 stages (128 x 128 spills on sm_90)
+        (8192, torch.float32, 227 * 1024, (64, 64, 32, 4, 2)),
+        # few rows: the row tile shrinks to the next power of two >= 16, 4 warps
+        (5, torch.bfloat16, 227 * 1024, (16, 128, 64, 4, 4)),
+    ],
+)
+def test_triton_launch_config_fits_shared_memory(n, dtype, smem, want):
+    kmod = pytest.importorskip("flr_engine.kernels.fused_logprob")
+    got = kmod.launch_config(n, 4096, 128256, dtype, smem)
+    assert got == want
+    bn, bv, bh, _, stages = got
+    elem = 4 if dtype == torch.float32 else 2
+    assert stages * (bn * bh + bh * bv) * elem * 1.1 <= smem
 
 
 # --------------------------------------------------------------------------------------
@@ -260,9 +310,7 @@ def test_grads_match_reference(impl, opts):
 
     def loss(ps, use_impl):
         b = ps[2] if len(ps) > 2 else None
-        lp, lse = flr_gathered_logprob(
-            ps[0], ps[1], targets, bias=b, impl=use_impl, chunk_size=64, return_lse=True, **opts
-        )
+        lp, lse = _run(use_impl, ps[0], ps[1], targets, b, chunk_size=64, return_lse=True, **opts)
         return (lp * w_out).sum() + (lse * w_lse).sum()
 
     grads = torch.autograd.grad(loss(params, impl), params)
@@ -272,7 +320,7 @@ def test_grads_match_reference(impl, opts):
         torch.testing.assert_close(g, r, **tol)
     # ignored rows receive gradient only through lse
     grads_lp = torch.autograd.grad(
-        flr_gathered_logprob(params[0], params[1], targets, impl=impl, chunk_size=64).sum(),
+        _run(impl, params[0], params[1], targets, chunk_size=64).sum(),
         params[0],
     )[0]
     assert torch.count_nonzero(grads_lp[targets == -100]) == 0
@@ -293,7 +341,7 @@ def test_tied_embeddings_grad(impl):
         emb = torch.nn.Parameter(emb0.clone())
         mix = torch.nn.Parameter(mix0.clone())
         hidden = torch.tanh(F.embedding(ids, emb) @ mix)  # (N, H)
-        logp = flr_gathered_logprob(hidden, emb, targets, impl=use_impl, chunk_size=50)
+        logp = _run(use_impl, hidden, emb, targets, chunk_size=50)
         logp.sum().backward()
         return logp.detach(), emb.grad, mix.grad
 
@@ -393,6 +441,57 @@ def test_explicit_cuda_impl_without_extension(monkeypatch):
     with pytest.raises(RuntimeError, match=r"impl='cuda' needs flr_engine._C_cuda"):
         flr_gathered_logprob(hidden, weight, targets, impl="cuda")
     assert fl._resolve_impl("auto", hidden) == "torch"  # quiet fallback
+
+
+def test_auto_never_picks_the_cuda_extension(monkeypatch):
+    """On CUDA, "auto" is Triton (or torch), never the CUDA-core extension, even when it is
+    built; after a Triton failure on a (device, dtype), torch there, and only there."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(fl, "_cuda_ext", lambda: (object(), ""))
+    monkeypatch.setattr(fl, "_triton_status", lambda device: "")
+    monkeypatch.setattr(fl, "_triton_auto_failed", {})
+    cuda0 = torch.device("cuda", 0)
+    bf16 = SimpleNamespace(dtype=torch.bfloat16, device=cuda0)
+    fp32 = SimpleNamespace(dtype=torch.float32, device=cuda0)
+    assert fl._resolve_impl("auto", bf16) == "triton"
+    fl._triton_auto_failed[(str(cuda0), torch.bfloat16)] = "planted"
+    assert fl._resolve_impl("auto", bf16) == "torch"
+    assert fl._resolve_impl("auto", fp32) == "triton"
+    monkeypatch.setattr(fl, "_triton_status", lambda device: "no triton")
+    assert fl._resolve_impl("auto", fp32) == "torch"
+
+
+@needs_triton
+def test_auto_triton_failure_falls_back_with_one_warning(monkeypatch, caplog):
+    from flr_engine.kernels import fused_logprob as kmod
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory (planted)")
+
+    monkeypatch.setattr(fl, "_triton_auto_failed", {})
+    monkeypatch.setattr(kmod, "fused_logprob_forward", boom)
+    hidden, weight, bias, targets = make_inputs(9, 16, 100, bias=True)
+    ref, ref_lse = gathered_logprob_reference(hidden, weight, targets, bias=bias, return_lse=True)
+    with caplog.at_level("WARNING", logger=fl.__name__):
+        logp, lse = fl._kernel_forward("auto-triton", hidden, weight, bias, targets, 1.0, None,
+                                       -100, 64)  # fmt: skip
+    torch.testing.assert_close(logp, ref, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=2e-5)
+    assert fl._triton_auto_failed == {("cpu", torch.float32): "RuntimeError: out of resource: "
+                                      "shared memory (planted)"}  # fmt: skip
+    assert any("planted" in r.getMessage() for r in caplog.records)
+    with pytest.raises(RuntimeError, match="planted"):  # an explicit impl fails loudly
+        fl._kernel_forward("triton", hidden, weight, bias, targets, 1.0, None, -100, 64)
+
+
+def test_interpreter_only_without_a_usable_gpu():
+    """conftest.py sets TRITON_INTERPRET=1 exactly when torch sees no CUDA device, so the
+    Triton tests run interpreted on CPU machines and compiled on GPU machines."""
+    kmod = pytest.importorskip("flr_engine.kernels.fused_logprob")
+    if not kmod.HAS_TRITON:
+        pytest.skip("triton not installed")
+    assert kmod.INTERPRETED == (not torch.cuda.is_available())
 
 
 def test_cuda_extension_status():
@@ -532,8 +631,8 @@ def test_cuda_extension_strided_hidden_grads_and_auto():
     wide = torch.randn(33, 200, device="cuda")
     wide[:, 10:74] = hidden
     strided = wide[:, 10:74]  # (N, H), row stride 200
-    assert fl._resolve_impl("auto", strided) == "cuda"
-    got = _run("auto", strided, weight, targets, bias, softcap=7.0)
+    assert fl._resolve_impl("auto", strided) == "triton"  # never the CUDA-core extension
+    got = _run("cuda", strided, weight, targets, bias, softcap=7.0)
     ref = gathered_logprob_reference(hidden, weight, targets, bias=bias, softcap=7.0)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     params = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
@@ -560,6 +659,55 @@ def test_triton_on_gpu_matches_reference(dtype):
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "sliced-hidden", "transposed-weight"])
+def test_triton_on_gpu_odd_shapes_noncontiguous_and_grads(dtype, layout):
+    """Compiled kernel with its default (large) tiles at prime N and H and a vocabulary that
+    is no multiple of any block (partial row, K and vocabulary tiles, several splits), on
+    strided inputs; the backward (chunked torch, from the kernel's lse) too."""
+    if not torch.cuda.is_available() or not _has_triton():
+        pytest.skip("needs CUDA and triton")
+    n, h, v = 1237, 1031, 50021  # primes
+    hidden, weight, bias, targets = make_inputs(
+        n, h, v, bias=True, n_ignored=11, dtype=dtype, device="cuda", seed=5
+    )
+    if layout == "sliced-hidden":
+        wide = torch.zeros(n, 2 * h + 3, dtype=dtype, device="cuda")
+        wide[:, 3::2] = hidden
+        hidden = wide[:, 3::2]  # strides (2H + 3, 2)
+    elif layout == "transposed-weight":
+        weight = weight.T.contiguous().T  # strides (1, V)
+    ref, ref_lse = gathered_logprob_reference(
+        hidden, weight, targets, bias=bias, softcap=30.0, return_lse=True
+    )
+    got, lse = _run("triton", hidden, weight, targets, bias, softcap=30.0, return_lse=True)
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse, ref_lse, rtol=tol, atol=tol)
+    if dtype != torch.float32:
+        return
+    params = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    ref_params = [x.clone().requires_grad_(True) for x in params]
+    out = _run("triton", params[0], params[1], targets, params[2], softcap=30.0)
+    grads = torch.autograd.grad(out.sum(), params)
+    ref_out = gathered_logprob_reference(
+        ref_params[0], ref_params[1], targets, bias=ref_params[2], softcap=30.0
+    )
+    for g, r in zip(grads, torch.autograd.grad(ref_out.sum(), ref_params), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_triton_launches_on_the_tensors_device():
+    hidden, weight, bias, targets = make_inputs(67, 96, 3001, bias=True, device="cuda:1")
+    with torch.cuda.device(0):
+        got = _run("triton", hidden, weight, targets, bias)
+    ref = gathered_logprob_reference(hidden, weight, targets, bias=bias)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_compile_cuda_script():
     res = subprocess.run(
@@ -569,6 +717,24 @@ def test_compile_cuda_script():
     assert res.returncode == 0, res.stdout + res.stderr
     assert "ok    sm_80  csrc/cuda/fused_logprob.cu" in res.stdout
     assert "ok    sm_90  csrc/cuda/fused_logprob.cu" in res.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_build_flags_keep_the_softcap_tanh_accurate(tmp_path):
+    """setup.py and compile_cuda.sh share csrc/cuda/nvcc.flags; with them the CUDA softcap's
+    tanhf is the accurate one (no ``tanh.approx`` in the PTX), unlike --use_fast_math."""
+    flags = (ROOT / "csrc" / "cuda" / "nvcc.flags").read_text().split()
+    assert "--use_fast_math" not in flags
+
+    def ptx(extra):
+        out = tmp_path / "k.ptx"
+        cmd = ["nvcc", "-ptx", *flags, *extra, "-arch=sm_90", f"-I{ROOT / 'csrc' / 'cuda'}",
+               "-o", str(out), str(ROOT / "csrc" / "cuda" / "fused_logprob.cu")]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+        return out.read_text()
+
+    assert "tanh.approx" not in ptx([])
+    assert "tanh.approx" in ptx(["--use_fast_math"])  # the check can see the difference
 
 
 def test_compile_cuda_script_without_nvcc(tmp_path):

@@ -1,7 +1,8 @@
 """Tree attention over a packed pre-order trie: plan, torch / dense / Triton vs the reference.
 
 The Triton kernel runs through the interpreter on CPU (``TRITON_INTERPRET=1``, set by
-conftest.py), so its cases use small shapes; GPU variants are marked ``gpu``.
+conftest.py when no CUDA device is usable), so its cases use small shapes; on a GPU machine
+the same cases run compiled on CUDA tensors (``TDEV``). Large GPU variants are marked ``gpu``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ except ImportError:  # pragma: no cover
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 HAS_CUDA = torch.cuda.is_available()
+TDEV = "cuda" if HAS_CUDA else "cpu"  # the Triton tests' device: compiled or interpreted
+
+
+def _to(dev, *xs):
+    return tuple(x.to(dev) for x in xs)
 
 # --------------------------------------------------------------------------- tiny trie
 
@@ -354,8 +360,8 @@ def test_validation_messages():
 def test_triton_needs_power_of_two_blocks():
     if not HAS_TRITON:
         pytest.skip("triton not installed")
-    se, pos = make("random")
-    q, k, v = qkv(se.numel(), 2, 2, 16)
+    se, pos = _to(TDEV, *make("random"))
+    q, k, v = _to(TDEV, *qkv(se.numel(), 2, 2, 16))
     plan = TreeAttentionPlan.build(se, pos, block_m=24, block_n=16)
     with pytest.raises(ValueError, match="power of two"):
         flr_tree_attention(q, k, v, se, pos, plan=plan, impl="triton")
@@ -380,8 +386,8 @@ TRITON_CASES = [
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_triton_matches_reference(case):
     name, Hq, Hkv, D, bm, bn, window, softcap = case
-    se, pos = make(name, seed=11)
-    q, k, v = qkv(se.numel(), Hq, Hkv, D, seed=11)
+    se, pos = _to(TDEV, *make(name, seed=11))
+    q, k, v = _to(TDEV, *qkv(se.numel(), Hq, Hkv, D, seed=11))
     kw = dict(scale=D**-0.5, sliding_window=window, softcap=softcap)
     ref, lse_ref = tree_attention_reference(q, k, v, se, pos, return_lse=True, **kw)
     plan = TreeAttentionPlan.build(se, pos, block_m=bm, block_n=bn, sliding_window=window)
@@ -394,11 +400,11 @@ def test_triton_matches_reference(case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_low_precision_noncontiguous(dtype):
     # note: the interpreter rounds fp32 -> bf16 by truncation (GPUs round to nearest)
-    se, pos = make("conv", seed=13)
+    se, pos = _to(TDEV, *make("conv", seed=13))
     T = se.numel()
     g = torch.Generator().manual_seed(13)
-    qt = torch.randn(T, 6, 32, generator=g).to(dtype)
-    kvt = torch.randn(T, 2, 2, 32, generator=g).to(dtype)
+    qt = torch.randn(T, 6, 32, generator=g).to(dtype).to(TDEV)
+    kvt = torch.randn(T, 2, 2, 32, generator=g).to(dtype).to(TDEV)
     q, k, v = qt.transpose(0, 1), kvt[:, 0].transpose(0, 1), kvt[:, 1].transpose(0, 1)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     ref = tree_attention_reference(q, k, v, se, pos, scale=0.25)
@@ -411,8 +417,8 @@ def test_triton_low_precision_noncontiguous(dtype):
 
 @needs_triton
 def test_triton_default_plan():
-    se, pos = make("forest_prime", seed=17)
-    q, k, v = qkv(se.numel(), 2, 1, 16, seed=17)
+    se, pos = _to(TDEV, *make("forest_prime", seed=17))
+    q, k, v = _to(TDEV, *qkv(se.numel(), 2, 1, 16, seed=17))
     ref = tree_attention_reference(q, k, v, se.int(), pos.int(), scale=0.25)
     _check(flr_tree_attention(q, k, v, se.int(), pos.int(), scale=0.25, impl="triton"), ref)
 
@@ -482,3 +488,90 @@ def test_torch_path_gradients_match_dense_reference(softcap):
         grads.append(torch.autograd.grad((out.float() * w).sum(), (q, k, v)))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- tiles, grad, fallback
+
+
+@pytest.mark.parametrize(
+    "D,dtype,smem,want",
+    [
+        (128, torch.bfloat16, 227 * 1024, (128, 64)),  # H100/H200: two warpgroups of rows
+        (64, torch.float16, 163 * 1024, (128, 64)),  # A100
+        (256, torch.bfloat16, 227 * 1024, (128, 16)),  # 64x32 spills registers at D=256
+        (256, torch.float32, 227 * 1024, (16, 16)),  # 64 x 64 would need ~344 KB
+        (128, torch.float32, 163 * 1024, (16, 16)),
+        (80, torch.float32, 227 * 1024, (16, 16)),  # D=80 runs padded to 128
+        (128, torch.bfloat16, 99 * 1024, (64, 64)),  # consumer parts: 128x64 does not fit
+        (256, torch.bfloat16, 99 * 1024, (32, 32)),
+    ],
+)
+def test_suggested_tiles_fit_shared_memory(D, dtype, smem, want):
+    kmod = pytest.importorskip("flr_engine.kernels.tree_attention")
+    from flr_engine.ops.tree_attention import suggested_block_sizes
+
+    bm, bn = suggested_block_sizes(D, dtype, "triton", smem=smem)
+    assert (bm, bn) == want
+    elem = 4 if dtype == torch.float32 else 2
+    assert kmod.smem_bytes(bm, bn, D, elem, 2) * 1.1 <= smem
+    if (D, dtype) == (256, torch.float32):  # the old fixed 64 x 64 tile cannot launch there
+        assert kmod.smem_bytes(64, 64, D, elem, 2) > smem
+    # 16-bit: 8 warps for 128-row tiles (two warpgroups, one 64-row wgmma each) and for
+    # 64-row tiles with D > 64 (4 spill); fp32 (FMA dots): 4
+    warps, stages = kmod.launch_config(bm, bn, D, elem, smem)
+    wide = bm >= 128 or (bm >= 64 and D > 64)
+    assert warps == (8 if elem == 2 and wide else 4) and stages >= 2
+    assert suggested_block_sizes(D, dtype, "torch") == (64, 64)
+
+
+def test_triton_impl_with_grad_raises_and_auto_backpropagates(monkeypatch):
+    """The Triton kernel has no backward: impl="triton" must not return an output without a
+    gradient path; impl="auto" picks the differentiable torch path when a gradient is needed
+    (even where it would pick Triton: ``_auto_wants_triton`` forced True)."""
+    import flr_engine.ops.tree_attention as ta
+
+    se, pos = make("wide", seed=3)
+    q, k, v = (x.requires_grad_(True) for x in qkv(se.numel(), 4, 2, 16, seed=3))
+    with pytest.raises(RuntimeError, match="forward only"):
+        flr_tree_attention(q, k, v, se, pos, impl="triton")
+    monkeypatch.setattr(ta, "_auto_wants_triton", lambda q: True)
+    monkeypatch.setattr(ta, "_run_triton", lambda *a: pytest.fail("triton used with grad"))
+    out = flr_tree_attention(q, k, v, se, pos, scale=0.25, impl="auto")
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    got = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref = tree_attention_reference(q, k, v, se, pos, scale=0.25)
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_fallback_is_per_configuration_and_logged_once(monkeypatch, caplog):
+    """A Triton launch failure under impl="auto" switches only that configuration (device,
+    dtype, head dim, tiles, window, softcap) to torch, with one warning naming the cause;
+    other configurations keep using Triton."""
+    import flr_engine.ops.tree_attention as ta
+
+    calls = []
+
+    def fake_triton(q, k, v, se, pos, plan, scale, window, softcap, want_lse):
+        calls.append(q.shape[-1])
+        if q.shape[-1] == 32:
+            raise RuntimeError("out of resource: shared memory (planted)")
+        out, lse = ta._tree_attention_torch(q, k, v, se, pos, plan, scale, window, softcap, want_lse)
+        return out, lse
+
+    monkeypatch.setattr(ta, "_triton_auto_failed", {})
+    monkeypatch.setattr(ta, "_auto_wants_triton", lambda q: True)
+    monkeypatch.setattr(ta, "_triton_kernels", lambda: None)
+    monkeypatch.setattr(ta, "_run_triton", fake_triton)
+    se, pos = make("conv", seed=5)
+    with caplog.at_level("WARNING", logger=ta.__name__):
+        for D in (32, 32, 16, 32, 16):
+            q, k, v = qkv(se.numel(), 4, 2, D, seed=D)
+            out = flr_tree_attention(q, k, v, se, pos, scale=0.3, impl="auto")
+            _check(out, tree_attention_reference(q, k, v, se, pos, scale=0.3))
+    assert calls == [32, 16, 16]  # D=32 tried once, D=16 still on "triton"
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "planted" in warnings[0].getMessage()
+    (key,) = ta._triton_auto_failed
+    assert key[1:3] == (torch.float32, 32)

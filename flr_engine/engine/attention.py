@@ -23,21 +23,40 @@ ATTN_NAME = "flr_tree"
 @dataclass
 class TreeContext:
     """The packed layout of one forward: (T,) ``subtree_end`` and ``positions``, plus
-    the block-sparse plans, built once per sliding window and reused by every layer."""
+    the block-sparse plans, built once per (sliding window, tile) and reused by every layer.
+
+    Tiles come from :func:`~flr_engine.ops.tree_attention.suggested_block_sizes` for the
+    layer's head dim, dtype and device (the Triton kernel's shared memory depends on all
+    three; the torch path, used when a gradient is needed or off CUDA, takes 64 x 64).
+    """
 
     subtree_end: torch.Tensor
     positions: torch.Tensor
     impl: str = "auto"
     plans: dict = field(default_factory=dict)
 
-    def plan(self, sliding_window: int | None):
+    def block_sizes(self, head_dim: int, dtype: torch.dtype, device: torch.device,
+                    needs_grad: bool = False) -> tuple[int, int]:  # fmt: skip
+        """(block_m, block_n) of the plan for a layer with these queries."""
+        from flr_engine.ops.tree_attention import suggested_block_sizes
+
+        kernel = "torch"
+        if self.impl == "triton" or (
+            self.impl == "auto" and device.type == "cuda" and not needs_grad
+        ):
+            kernel = "triton"
+        return suggested_block_sizes(head_dim, dtype, kernel, device)
+
+    def plan(self, sliding_window: int | None, block_m: int = 64, block_n: int = 64):
         from flr_engine.ops.tree_attention import TreeAttentionPlan
 
-        if sliding_window not in self.plans:
-            self.plans[sliding_window] = TreeAttentionPlan.build(
-                self.subtree_end, self.positions, sliding_window=sliding_window
-            )
-        return self.plans[sliding_window]
+        key = (sliding_window, block_m, block_n)
+        if key not in self.plans:
+            self.plans[key] = TreeAttentionPlan.build(
+                self.subtree_end, self.positions, block_m=block_m, block_n=block_n,
+                sliding_window=sliding_window,
+            )  # fmt: skip
+        return self.plans[key]
 
 
 def flr_tree_attention_forward(
@@ -66,6 +85,8 @@ def flr_tree_attention_forward(
         raise ValueError(f"flr_tree attention expects batch size 1 (one packed trie), got {query.shape[0]}")
     if sliding_window is not None and sliding_window <= 0:
         sliding_window = None
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
+    bm, bn = flr_tree.block_sizes(query.shape[-1], query.dtype, query.device, grad)
     out = flr_tree_attention(
         query[0],  # (Hq, T, D)
         key[0],  # (Hkv, T, D)
@@ -75,7 +96,7 @@ def flr_tree_attention_forward(
         scale=scaling,
         sliding_window=sliding_window,
         softcap=softcap or None,  # some configs say 0.0 for "none"
-        plan=flr_tree.plan(sliding_window),
+        plan=flr_tree.plan(sliding_window, bm, bn),
         impl=flr_tree.impl,
     )  # (T, Hq, D)
     return out.unsqueeze(0), None

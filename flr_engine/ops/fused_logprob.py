@@ -16,6 +16,10 @@ target logit out of the chunk that holds it, so memory is O(N * chunk), never O(
 * ``"triton"``: :mod:`flr_engine.kernels.fused_logprob` (CUDA tensors; CPU tensors only under
   ``TRITON_INTERPRET=1``).
 * ``"cuda"``: ``flr_engine._C_cuda.fused_logprob_forward`` (csrc/cuda/fused_logprob.cu).
+  Explicit only: it multiplies on CUDA cores with the hidden rows staged in shared memory,
+  so at N=8192, H=4096, V=128256 it streams the LM head once per 8 rows (~1000 times,
+  ~1 TB) and does the 8.6 TFLOP on fp32 FMA units: ~0.5-1 s against ~15 ms for a
+  tensor-core matmul. ``"auto"`` never picks it (scripts/gpu_check.sh measures all three).
 * ``"reference"``: :func:`gathered_logprob_reference` (full logits; for tests).
 
 The backward pass (all impls) recomputes each vocabulary chunk's logits with torch matmuls::
@@ -33,6 +37,7 @@ Importing this module imports neither triton nor the CUDA extension.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
@@ -54,6 +59,10 @@ _INT_DTYPES = (torch.int64, torch.int32)
 # cache-friendly and measured faster than one full matmul; CUDA: 64 Mi (256 MiB), few launches.
 _CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 _MIN_CHUNK = 256
+logger = logging.getLogger(__name__)
+# (device, dtype) whose Triton launch failed under impl="auto": torch from then on, for
+# that pair only; the cause is logged once as a warning
+_triton_auto_failed: dict[tuple[str, torch.dtype], str] = {}
 
 
 # --------------------------------------------------------------------------------------
@@ -235,15 +244,18 @@ def _triton_status(device: torch.device) -> str:
 
 
 def _resolve_impl(impl: str, hidden: torch.Tensor) -> str:
-    """Concrete impl for ``impl``: 'auto' picks cuda > triton (CUDA tensors) > torch;
-    an explicit impl that cannot run raises RuntimeError saying why."""
+    """Concrete impl for ``impl``: 'auto' picks triton (CUDA tensors, fp32/bf16/fp16, no
+    earlier failure for this device and dtype) > torch, never the CUDA extension (see the
+    module docstring); an explicit impl that cannot run raises RuntimeError saying why."""
     dtype, device = hidden.dtype, hidden.device
     if impl == "auto":
-        if device.type == "cuda" and dtype in _KERNEL_DTYPES:
-            if _cuda_ext()[0] is not None:
-                return "cuda"
-            if not _triton_status(device):
-                return "triton"
+        if (
+            device.type == "cuda"
+            and dtype in _KERNEL_DTYPES
+            and (str(device), dtype) not in _triton_auto_failed
+            and not _triton_status(device)
+        ):
+            return "triton"
         return "torch"
     if impl in ("cuda", "triton") and dtype not in _KERNEL_DTYPES:
         raise RuntimeError(f"impl={impl!r} supports fp32/bf16/fp16 inputs, got {dtype}")
@@ -412,12 +424,25 @@ def _kernel_forward(
         return _torch_forward(
             hidden, weight, bias, targets, logit_scale, softcap, ignore_index, chunk
         )
-    if impl == "triton":
+    if impl in ("triton", "auto-triton"):
         from flr_engine.kernels.fused_logprob import fused_logprob_forward
 
-        return fused_logprob_forward(
-            hidden, weight, bias, targets, logit_scale, softcap, ignore_index
-        )
+        try:
+            return fused_logprob_forward(
+                hidden, weight, bias, targets, logit_scale, softcap, ignore_index
+            )
+        except Exception as exc:
+            if impl == "triton":
+                raise
+            key = (str(hidden.device), hidden.dtype)
+            _triton_auto_failed[key] = f"{type(exc).__name__}: {exc}"
+            logger.warning(
+                "flr_gathered_logprob: the Triton kernel failed on %s %s, impl='auto' uses the "
+                "torch path there from now on (%s)", key[0], key[1], _triton_auto_failed[key],
+            )  # fmt: skip
+            return _torch_forward(
+                hidden, weight, bias, targets, logit_scale, softcap, ignore_index, chunk
+            )
     if impl == "cuda":
         ext = _cuda_ext()[0]
         hid = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
@@ -504,9 +529,10 @@ def flr_gathered_logprob(
         ignore_index: such targets give ``logp = 0`` and no gradient.
         chunk_size: vocabulary chunk of the torch forward and of the backward (every impl);
             default keeps about 4 Mi logits (CPU) / 64 Mi logits (CUDA) per chunk.
-        impl: ``"auto"`` (CUDA extension if built and tensors are on CUDA, else Triton on
-            CUDA, else torch), ``"cuda"``, ``"triton"``, ``"torch"`` or ``"reference"``.
-            An explicit impl that cannot run raises RuntimeError saying why.
+        impl: ``"auto"`` (Triton on CUDA, else torch; a Triton launch that fails falls back
+            to torch for that device and dtype, with one warning), ``"cuda"`` (explicit
+            only: slow, see the module docstring), ``"triton"``, ``"torch"`` or
+            ``"reference"``. An explicit impl that cannot run raises RuntimeError saying why.
         return_lse: also return ``lse`` (differentiable too).
 
     Returns:
@@ -528,6 +554,8 @@ def flr_gathered_logprob(
             ignore_index=ignore_index, return_lse=return_lse,
         )  # fmt: skip
     concrete = _resolve_impl(impl, hidden)
+    if impl == "auto" and concrete == "triton":
+        concrete = "auto-triton"  # a failing launch falls back to torch (logged once)
     hsize, vocab = hidden.shape[-1], weight.shape[0]
     h2 = hidden.reshape(-1, hsize)  # (N, H): a view when possible
     t1 = targets.reshape(-1).long()  # (N,)

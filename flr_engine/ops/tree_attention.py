@@ -41,7 +41,10 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _IMPLS = ("auto", "triton", "torch", "dense")
 _PLAN_CELLS_PER_CHUNK = 1 << 24  # query-block x key-block cells per vectorised plan step
 _TORCH_SCORE_BUDGET = 1 << 20  # fp32 score elements per torch-path chunk (4 MiB, cache-sized)
-_triton_auto_failed: str | None = None  # why "auto" stopped trying triton (logged once)
+# impl="auto" falls back to torch per failing launch configuration, not for the process:
+# key (device, dtype, head dim, block_m, block_n, window?, softcap?) -> cause (logged once)
+_triton_auto_failed: dict[tuple, str] = {}
+_triton_import_error: str | None = None  # triton not importable: logged once
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -534,14 +537,14 @@ def _triton_kernels():
 
 def _run_triton(q, k, v, subtree_end, positions, plan, scale, sliding_window, softcap, want_lse):
     kmod = _triton_kernels()
+    for name, b in (("block_m", plan.block_m), ("block_n", plan.block_n)):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"the Triton kernel needs plan.{name} a power of two >= 16, got {b}")
     if q.device.type != "cuda" and not kmod.triton_interpreting():
         raise RuntimeError(
             f"tensors are on {q.device} and Triton is not in interpreter mode: use CUDA tensors "
             "or set TRITON_INTERPRET=1 before triton is first imported"
         )
-    for name, b in (("block_m", plan.block_m), ("block_n", plan.block_n)):
-        if b < 16 or b & (b - 1):
-            raise ValueError(f"the Triton kernel needs plan.{name} a power of two >= 16, got {b}")
     return kmod.tree_attention_fwd(
         q,
         k,
@@ -560,20 +563,59 @@ def _run_triton(q, k, v, subtree_end, positions, plan, scale, sliding_window, so
     )
 
 
+# Triton tiles (block_m, block_n) per padded head dim, chosen from sm_90 compiles of the
+# kernel (ptxas resource usage; see kernels/tree_attention.py:launch_config): the largest
+# query tile whose registers do not spill. 16-bit: bf16 D=128 at 128x64 uses 181 registers
+# (8 warps; 231 with window and softcap), D=256 at 128x16 uses 235-245 where 64x32 spills.
+# fp32 (IEEE dots on FMA units): small tiles (64x64 at D=128 spills 2 KB per thread and
+# compiles for 15 s, 16x32 spills 448 B; 16x16 uses 97-104 registers, 32x16 at D=64 202).
+_TILES_16BIT = {64: (128, 64), 128: (128, 64), 256: (128, 16)}
+_TILES_FP32 = {64: (32, 16), 128: (16, 16), 256: (16, 16)}
+# then, where the shared memory of the preferred tile does not fit, in this order
+_FALLBACK_TILES = ((64, 64), (64, 32), (32, 32), (16, 32), (16, 16))
+
+
 def suggested_block_sizes(
-    head_dim: int, dtype: torch.dtype = torch.bfloat16, impl: str = "triton"
+    head_dim: int,
+    dtype: torch.dtype = torch.bfloat16,
+    impl: str = "triton",
+    device: torch.device | str | None = None,
+    smem: int | None = None,
 ) -> tuple[int, int]:
     """(block_m, block_n) for :meth:`TreeAttentionPlan.build`.
 
-    Triton: K / V tiles of ``block_n x pow2(D)`` elements, double-buffered, kept under
-    ~100 KB of shared memory (fits sm_80 .. sm_90 and consumer parts). torch: (64, 64).
+    Triton: the tile of ``_TILES_16BIT`` / ``_TILES_FP32`` for ``pow2(head_dim)`` (register
+    fit, measured by compiling for sm_90), or the first of ``_FALLBACK_TILES`` whose shared
+    memory at 2 stages (:func:`flr_engine.kernels.tree_attention.smem_bytes`, plus 10%, a
+    conservative estimate) fits ``smem`` -- by default the opt-in limit of ``device`` (227 KB
+    on H100/H200, 163 KB on A100, 99 KB on consumer parts; 96 KB when no CUDA device is
+    given). E.g. bf16 D=128 -> (128, 64); fp32 D=256 -> (16, 16) (the old fixed 64 x 64
+    needed ~344 KB there and could not launch). torch / dense: (64, 64).
     """
-    if impl != "triton":
+    if impl not in ("triton", "auto"):
         return 64, 64
-    row_bytes = max(16, 1 << (head_dim - 1).bit_length()) * (4 if dtype == torch.float32 else 2)
-    if row_bytes <= 256:
-        return 64, 64
-    return (64, 32) if row_bytes <= 512 else (32, 32)
+    from flr_engine.kernels.tree_attention import smem_budget, smem_bytes
+
+    if smem is None:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        smem = smem_budget(dev)
+    elem = 4 if dtype == torch.float32 else 2
+    dp = max(64, 1 << (head_dim - 1).bit_length())
+    table = _TILES_FP32 if elem == 4 else _TILES_16BIT
+    preferred = table.get(dp, _FALLBACK_TILES[-1])
+    for bm, bn in (preferred, *_FALLBACK_TILES):
+        if smem_bytes(bm, bn, head_dim, elem, 2) * 11 // 10 <= smem:
+            return bm, bn
+    return _FALLBACK_TILES[-1]
+
+
+def _needs_grad(*xs: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+def _auto_wants_triton(q: torch.Tensor) -> bool:
+    """impl="auto" tries Triton for CUDA tensors (a seam for tests)."""
+    return q.device.type == "cuda"
 
 
 def flr_tree_attention(
@@ -602,14 +644,17 @@ def flr_tree_attention(
         subtree_end, positions: (T,) integer, q's device.
         plan: a :class:`TreeAttentionPlan` for this pack built with the same
             ``sliding_window`` (build once per pack, reuse in every layer); built if None.
-        impl: "triton" | "torch" | "dense" | "auto" (triton on CUDA when importable,
-            else torch; a failing triton launch falls back to torch, logged once).
+        impl: "triton" | "torch" | "dense" | "auto" (triton on CUDA when importable and
+            no gradient is needed, else torch; a triton launch that fails falls back to
+            torch for that configuration -- device, dtype, head dim, tiles, window,
+            softcap -- with one warning giving the cause). The Triton kernel is forward
+            only: ``impl="triton"`` with inputs that require grad raises.
         return_lse: also return lse (T, Hq) fp32, natural-log log-sum-exp of the logits.
 
     Returns:
         out (T, Hq, D) contiguous in q's dtype [, lse (T, Hq) fp32].
     """
-    global _triton_auto_failed
+    global _triton_import_error
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
     _check_inputs(q, k, v, subtree_end, positions, sliding_window, softcap)
@@ -629,6 +674,12 @@ def flr_tree_attention(
                 f"plan was built with sliding_window={plan.sliding_window}, called with "
                 f"sliding_window={sliding_window}: build one plan per window setting"
             )
+    grad = _needs_grad(q, k, v)
+    if impl == "triton" and grad:
+        raise RuntimeError(
+            "impl='triton' is forward only and q/k/v require grad: use impl='torch' (or "
+            "'auto', which picks it) to backpropagate, or run under torch.no_grad()"
+        )
 
     chosen = impl
     if impl == "auto":
@@ -636,13 +687,13 @@ def flr_tree_attention(
         pow2 = plan is None or all(
             b >= 16 and not b & (b - 1) for b in (plan.block_m, plan.block_n)
         )
-        if q.device.type == "cuda" and _triton_auto_failed is None and pow2:
+        if _auto_wants_triton(q) and not grad and pow2 and _triton_import_error is None:
             try:
                 _triton_kernels()
                 chosen = "triton"
             except ImportError as exc:
-                _triton_auto_failed = str(exc)
-                logger.info("flr_tree_attention: triton unavailable, using torch (%s)", exc)
+                _triton_import_error = str(exc)
+                logger.warning("flr_tree_attention: triton unavailable, using torch (%s)", exc)
 
     if chosen == "dense":
         out, lse = _tree_attention_dense(
@@ -651,13 +702,15 @@ def flr_tree_attention(
         return (out, lse) if return_lse else out
 
     if plan is None:
-        bm, bn = suggested_block_sizes(D, q.dtype, chosen)
+        bm, bn = suggested_block_sizes(D, q.dtype, chosen, q.device)
         plan = TreeAttentionPlan.build(
             subtree_end, positions, block_m=bm, block_n=bn, sliding_window=sliding_window
         )
     plan = plan.to(q.device)
 
     if chosen == "triton":
+        key = (str(q.device), q.dtype, D, plan.block_m, plan.block_n,
+               sliding_window is not None, softcap is not None)  # fmt: skip
         if impl == "triton":
             try:
                 out, lse = _run_triton(
@@ -667,14 +720,20 @@ def flr_tree_attention(
             except ImportError as exc:
                 raise RuntimeError(f"impl='triton' cannot run: {exc}") from exc
             return (out, lse) if return_lse else out
-        try:
-            out, lse = _run_triton(
-                q, k, v, subtree_end, positions, plan, scale, sliding_window, softcap, return_lse
-            )
-            return (out, lse) if return_lse else out
-        except Exception as exc:  # auto: fall back quietly, remember why (logged once)
-            _triton_auto_failed = f"{type(exc).__name__}: {exc}"
-            logger.warning("flr_tree_attention: triton failed, using torch from now on (%s)", exc)
+        if key not in _triton_auto_failed:
+            try:
+                out, lse = _run_triton(
+                    q, k, v, subtree_end, positions, plan, scale, sliding_window, softcap,
+                    return_lse,
+                )  # fmt: skip
+                return (out, lse) if return_lse else out
+            except Exception as exc:  # auto: fall back for this configuration, say why once
+                _triton_auto_failed[key] = f"{type(exc).__name__}: {exc}"
+                logger.warning(
+                    "flr_tree_attention: the Triton kernel failed for %s; impl='auto' uses the "
+                    "torch path for this configuration from now on (%s)",
+                    key, _triton_auto_failed[key],
+                )  # fmt: skip
 
     out, lse = _tree_attention_torch(
         q, k, v, subtree_end, positions, plan, scale, sliding_window, softcap, return_lse
