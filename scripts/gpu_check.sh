@@ -135,7 +135,8 @@ stage_build() {
   echo "TORCH_CUDA_ARCH_LIST=$arch"
   FLR_ENGINE_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
     "$py" -m pip install --no-index --no-build-isolation --no-deps -e . || return 1
-  "$py" -c "import flr_engine._C, flr_engine._C_cuda; print('extensions:', flr_engine._C.__file__, flr_engine._C_cuda.__file__)"
+  # torch first: the CUDA extension links against libc10 / libtorch, which torch loads
+  "$py" -c "import torch, flr_engine._C, flr_engine._C_cuda; print('extensions:', flr_engine._C.__file__, flr_engine._C_cuda.__file__)"
 }
 
 stage_build_cpp() {
