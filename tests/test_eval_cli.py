@@ -122,7 +122,8 @@ def test_flr_and_direct_match_the_api(first, tiny_model_dir):
 
     seq = s.prepare(ctx, reply).sequences[0]
     with torch.no_grad():
-        logp = torch.log_softmax(s.model(torch.tensor([seq.ids])).logits[0].float(), -1)
+        ids = torch.tensor([seq.ids], device=s.model.device)  # the judge may sit on a GPU
+        logp = torch.log_softmax(s.model(ids).logits[0].float(), -1)
     t = seq.reply_targets
     direct = logp[[n - 1 for n in t], [seq.ids[n] for n in t]].mean().item()
     assert direct == pytest.approx(row["chosen"]["direct"], abs=1e-5)
