@@ -17,4 +17,19 @@ except ImportError as _exc:  # pragma: no cover - exercised only without triton
 else:
     TRITON_IMPORT_ERROR = None
 
-__all__ = ["TRITON_IMPORT_ERROR", "tl", "triton"]
+
+
+def smem_budget(device) -> int:
+    """Shared memory one block may opt in to on ``device`` (bytes); 96 KiB off CUDA."""
+    if device.type != "cuda":
+        return 96 * 1024
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    if optin:
+        return int(optin)
+    return {(8, 0): 163, (9, 0): 227, (10, 0): 227}.get((props.major, props.minor), 99) * 1024
+
+
+__all__ = ["TRITON_IMPORT_ERROR", "smem_budget", "tl", "triton"]

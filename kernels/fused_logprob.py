@@ -35,7 +35,7 @@ import os
 import torch
 
 from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR  # guarded: may be None
-from ._triton import tl, triton
+from ._triton import smem_budget, tl, triton  # noqa: F401 (smem_budget re-exported)
 
 __all__ = ["HAS_TRITON", "INTERPRETED", "fused_logprob_forward"]
 
@@ -157,18 +157,6 @@ if HAS_TRITON:
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def smem_budget(device: torch.device) -> int:
-    """Shared memory one block may opt in to on ``device`` (bytes); 96 KiB off CUDA."""
-    if device.type != "cuda":
-        return 96 * 1024
-    props = torch.cuda.get_device_properties(device)
-    optin = getattr(props, "shared_memory_per_block_optin", 0)
-    if optin:
-        return int(optin)
-    major, minor = props.major, props.minor  # older torch: by architecture
-    return {(8, 0): 163, (9, 0): 227, (10, 0): 227}.get((major, minor), 99) * 1024
 
 
 def operand_smem(block_n: int, block_v: int, block_h: int, stages: int, elem_bytes: int) -> int:

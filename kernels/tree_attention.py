@@ -28,7 +28,7 @@ import contextlib
 import torch
 
 from ._triton import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR  # guarded: may be None
-from ._triton import tl, triton
+from ._triton import smem_budget, tl, triton  # noqa: F401 (smem_budget re-exported)
 
 __all__ = [
     "launch_config",
@@ -270,17 +270,6 @@ def launch_config(
         if smem_bytes(block_m, block_n, head_dim, elem_bytes, stages) * 11 // 10 <= smem:
             return warps, stages
     return warps, 1
-
-
-def smem_budget(device: torch.device) -> int:
-    """Shared memory one block may opt in to on ``device`` (bytes); 96 KiB off CUDA."""
-    if device.type != "cuda":
-        return 96 * 1024
-    props = torch.cuda.get_device_properties(device)
-    optin = getattr(props, "shared_memory_per_block_optin", 0)
-    if optin:
-        return int(optin)
-    return {(8, 0): 163, (9, 0): 227, (10, 0): 227}.get((props.major, props.minor), 99) * 1024
 
 
 def _require_triton() -> None:
