@@ -180,34 +180,73 @@ def _is_adapter(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
 
 
+def merge_lora(model, folder: str | os.PathLike) -> int:
+    """Add a peft LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) into
+    ``model``'s weights in place: ``W += s * B @ A`` per adapted linear layer, with
+    ``s = lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA). No peft needed. Returns the number of
+    merged layers. Adapters this does not cover (DoRA, biases, extra saved modules) raise."""
+    import json
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    with open(folder / "adapter_config.json", encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("fan_in_fan_out") \
+            or cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
+        raise ModelLoadError(f"{folder}: only plain LoRA adapters can be merged (got {cfg.get('peft_type')}"
+                             ", DoRA / bias / fan_in_fan_out / modules_to_save are not supported)")
+    sd = load_file(str(folder / "adapter_model.safetensors"))
+    params = dict(model.named_parameters())
+    merged = 0
+    with torch.no_grad():
+        for key, a in sd.items():
+            if ".lora_A." not in key:
+                continue
+            b = sd[key.replace(".lora_A.", ".lora_B.")]
+            name = key.split(".lora_A.")[0]
+            name = name.removeprefix("base_model.model.") + ".weight"
+            if name not in params:
+                raise ModelLoadError(f"{folder}: adapter layer {name} is not in the base model")
+            r = a.shape[0]
+            rank_pattern = cfg.get("rank_pattern") or {}
+            alpha_pattern = cfg.get("alpha_pattern") or {}
+            if rank_pattern or alpha_pattern:
+                raise ModelLoadError(f"{folder}: rank/alpha patterns are not supported")
+            scale = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
+            w = params[name]
+            w += (scale * (b.float() @ a.float())).to(w.dtype)  # (out, r) @ (r, in)
+            merged += 1
+    if not merged:
+        raise ModelLoadError(f"{folder}: the adapter holds no LoRA weights")
+    return merged
+
+
 def _load_adapter(folder: Path, dtype, device: str, chat_template: str | None, name: str):
-    """Base model + LoRA adapter in ``folder``, merged (scoring runs on a plain model).
+    """Base model + LoRA adapter in ``folder``, merged into plain weights (scoring runs on a
+    plain model; :func:`merge_lora`, in fp32, then cast to ``dtype``).
 
     The base is ``flr_feedback.json``'s ``base`` (e.g. "default"), else the adapter config's
-    ``base_model_name_or_path``. Merging is done in fp32, then the model is cast to ``dtype``.
+    ``base_model_name_or_path``.
     """
+    import json
+
     import torch
 
-    try:
-        from peft import PeftModel
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"{name!r} is a LoRA adapter: loading it needs peft (pip install 'flr-engine[train]')"
-        ) from exc
     fb = read_feedback_config(folder) or {}
     base = fb.get("base")
     if base is None:
-        import json
-
         with open(folder / "adapter_config.json", encoding="utf-8") as fh:
             base = json.load(fh).get("base_model_name_or_path")
     if not base:
         raise ModelLoadError(f"adapter {folder} names no base model ({FEEDBACK_CONFIG}: base)")
     lm = load(base, dtype="float32", device="cpu", chat_template=chat_template)
-    model = PeftModel.from_pretrained(lm.model, str(folder)).merge_and_unload()
+    merge_lora(lm.model, folder)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model.to(device=device, dtype=torch_dtype).eval()
-    return LoadedModel(model, lm.tokenizer, str(name), fb.get("format"))
+    lm.model.to(device=device, dtype=torch_dtype).eval()
+    return LoadedModel(lm.model, lm.tokenizer, str(name), fb.get("format"))
 
 
 def load(
