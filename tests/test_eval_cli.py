@@ -351,7 +351,12 @@ def test_length_controlled_accuracy(first):
     """Accuracy on the pairs whose replies differ in length by < 20% of the longer one."""
     import numpy as np
 
-    from flr_engine.evaluation.run import EvalConfig, SetScores, _pairwise_metrics, length_controlled
+    from flr_engine.evaluation.run import (
+        EvalConfig,
+        SetScores,
+        _pairwise_metrics,
+        length_controlled,
+    )
 
     assert length_controlled([100, 100, 10], [81, 80, 10]).tolist() == [True, False, True]
     la, lb = np.array([100.0, 100, 50, 50, 10]), np.array([85.0, 40, 45, 20, 11])

@@ -12,7 +12,11 @@ import torch
 from tiny import CHAT_TEMPLATES, make_tokenizer
 
 from flr_engine.chat import ChatRenderer
-from flr_engine.chat_formats import ROLE_SWAP_INSTRUCTION, RoleSwappedRenderer, role_swapped_messages
+from flr_engine.chat_formats import (
+    ROLE_SWAP_INSTRUCTION,
+    RoleSwappedRenderer,
+    role_swapped_messages,
+)
 from flr_engine.feedback import (
     IGNORE,
     PAIR_NEGATIVE,
