@@ -304,3 +304,22 @@ def test_mix_holds_out_calibration_pairs_and_labels_polarity():
             assert (r["rating"] in ("Excellent", "Acceptable")) == (r["polarity"] == "+")
     again, _, _ = build_feedback_mix(TRAIN, cfg)
     assert again == rows  # seeded
+
+
+@pytest.mark.slow
+def test_shipped_default_ft_scores_like_the_reference(default_model_dir):
+    """The shipped judge: the engine's scores == the reference scorer's on the merged model,
+    and they differ from the base model's (the adapter is really applied)."""
+    from flr_engine.models import load, shipped_judge_dir
+    from flr_engine.scorer import FLRScorer
+
+    if not (shipped_judge_dir() / "adapter_model.safetensors").exists():
+        pytest.skip("no shipped default-ft adapter")
+    ft = load("default-ft")
+    assert ft.format == "follow-up"
+    conv, reply = "What is the capital of France?", "The capital of France is Paris."
+    eng = FLRScorer(ft.model, ft.tokenizer, templates="flr-mixed", engine="engine").score([conv], [reply])[0]
+    ref = FLRScorer(ft.model, ft.tokenizer, templates="flr-mixed", engine="reference").score([conv], [reply])[0]
+    assert eng.reward == pytest.approx(ref.reward, abs=1e-4)
+    base = FLRScorer.from_pretrained("default", templates="flr-mixed", engine="reference")
+    assert abs(base.score([conv], [reply])[0].reward - ref.reward) > 1e-3
