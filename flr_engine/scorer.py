@@ -16,7 +16,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from flr_engine.chat import ChatRenderer, ScoredSequence, normalize_conversation, normalize_reply
+from flr_engine.chat import ScoredSequence, normalize_conversation, normalize_reply
+from flr_engine.chat_formats import DEFAULT_FORMAT, make_renderer
 from flr_engine.errors import ConfigError, InputError
 from flr_engine.reward import RewardConfig, ScoreResult, aggregate
 from flr_engine.templates import DEFAULT, TemplateSet, load_templates
@@ -58,6 +59,8 @@ class FLRScorer:
         config: a RewardConfig (or pass its fields as keyword arguments).
         engine: "auto" | "engine" | "reference" | "hf-prefix-cache" (the plain-transformers baseline).
         max_length: context limit for the truncation policy (default: the model's).
+        format: "follow-up" (DESIGN.md's rendering) or "role-swapped" (the paper's released
+            fine-tuned scorer; see :mod:`flr_engine.chat_formats`).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class FLRScorer:
         engine: str = "auto",
         max_length: int | None = None,
         engine_kwargs: dict | None = None,
+        format: str = "follow-up",
         **config_kwargs,
     ):
         self.model = model
@@ -77,8 +81,9 @@ class FLRScorer:
         self.templates = load_templates(templates).select(self.config.dimensions)
         if max_length is None:
             max_length = getattr(model.config, "max_position_embeddings", None)
-        self.renderer = ChatRenderer(
-            tokenizer, max_length=max_length, score_eot=self.config.score_eot
+        self.format = format
+        self.renderer = make_renderer(
+            format, tokenizer, max_length=max_length, score_eot=self.config.score_eot
         )
         self.backend = make_backend(model, engine, **(engine_kwargs or {}))
 
@@ -90,14 +95,18 @@ class FLRScorer:
         dtype: str = "float32",
         device: str = "auto",
         chat_template: str | None = None,
+        format: str | None = None,
         **kwargs,
     ) -> FLRScorer:
-        """Load ``default`` (SmolLM2-135M-Instruct), a model folder, a hub id or a .gguf;
-        ``device="auto"``: CUDA when there is one, else the CPU."""
+        """Load ``default`` (SmolLM2-135M-Instruct), ``default-ft`` (the shipped feedback-tuned
+        judge), a model folder (or a ``flr feedback-tune`` output), a hub id or a .gguf;
+        ``device="auto"``: CUDA when there is one, else the CPU. ``format=None``: the format a
+        feedback-tuned judge was trained in, else "follow-up"."""
         from flr_engine.models import load
 
         lm = load(name_or_path, dtype=dtype, device=device, chat_template=chat_template)
-        return cls(lm.model, lm.tokenizer, **kwargs)
+        fmt = format or getattr(lm, "format", None) or DEFAULT_FORMAT
+        return cls(lm.model, lm.tokenizer, format=fmt, **kwargs)
 
     @property
     def engine_name(self) -> str:

@@ -307,3 +307,73 @@ def test_row_errors_survive_pickling():
                                                  "a.jsonl:3: field 'rejected': is empty")
     i = pickle.loads(pickle.dumps(InputError("is empty", "response")))
     assert (i.message, i.field, str(i)) == ("is empty", "response", "field 'response': is empty")
+
+
+def test_saved_calibration_applies_to_every_set(tiny_model_dir, tmp_path, capsys):
+    """--calibrate-on A --save-calibration F, then --calibration F: FLR-cal on every set
+    equals the weights applied by hand to the per-template log-probs of the rows."""
+    import numpy as np
+
+    from flr_engine.evaluation.metrics import accuracy_ci
+
+    a = write(tmp_path / "a.jsonl", [p for p in PAIRS if not p["tie"]])
+    b = write(tmp_path / "b.jsonl", RATINGS[:3])
+    common = ["--model", str(tiny_model_dir), "--templates", "flr-mixed", "--bootstrap", "30",
+              "--no-figure", "--limit", "5"]
+    cal_file = tmp_path / "cal.json"
+    fit = write(tmp_path / "fitset.jsonl", [p for p in PAIRS if not p["tie"]])
+    assert main(["-q", "eval", fit, "--out", str(tmp_path / "fit"), "--calibrate-on", "fitset",
+                 "--save-calibration", str(cal_file), *common]) == 0
+    saved = json.load(open(cal_file))
+    assert saved["templates"] == "flr-mixed" and saved["fit_on"] == "fitset"
+    assert len(saved["weights"]) == 39
+    capsys.readouterr()
+    assert main(["-q", "eval", a, b, "--out", str(tmp_path / "o"), "--calibration", str(cal_file),
+                 *common]) == 0
+    text = capsys.readouterr().out
+    assert "FLR-cal" in text and "(fit set)" not in text and "Calibration from" in text
+    res = json.load(open(tmp_path / "o" / "results.json"))
+    assert set(res["calibration"]["transfer"]) == {"a", "b"}
+    from flr_engine.templates import load_templates
+
+    w = np.array([saved["weights"][t] for t in load_templates("flr-mixed").unique_texts])
+    rows = [json.loads(x) for x in open(tmp_path / "o" / "sets" / "a.rows.jsonl")]
+    d = np.array([(np.array(r["chosen"]["lp"]) - np.array(r["rejected"]["lp"])) @ w for r in rows])
+    want = accuracy_ci(d, n_boot=30)["value"]
+    assert res["calibration"]["transfer"]["a"]["accuracy"]["value"] == pytest.approx(want)
+    # weights for another template set are refused, before any model is loaded
+    assert main(["-q", "eval", a, "--out", str(tmp_path / "x"), "--calibration", str(cal_file),
+                 "--model", str(tiny_model_dir), "--templates", "flr-helpfulness"]) == 2
+    assert "fit for template set 'flr-mixed'" in capsys.readouterr().err
+    assert main(["-q", "eval", a, "--out", str(tmp_path / "x"), "--calibration", "auto",
+                 "--model", str(tiny_model_dir)]) == 2
+    assert "has no calibration-flr-helpfulness.json" in capsys.readouterr().err
+
+
+def test_length_controlled_accuracy(first):
+    """Accuracy on the pairs whose replies differ in length by < 20% of the longer one."""
+    import numpy as np
+
+    from flr_engine.evaluation.run import (
+        EvalConfig,
+        SetScores,
+        _pairwise_metrics,
+        length_controlled,
+    )
+
+    assert length_controlled([100, 100, 10], [81, 80, 10]).tolist() == [True, False, True]
+    la, lb = np.array([100.0, 100, 50, 50, 10]), np.array([85.0, 40, 45, 20, 11])
+    flr_a, flr_b = np.array([1.0, 0, 0, 1, 0]), np.array([0.0, 1, 1, 0, 1])
+    s = SetScores(
+        lines=list(range(5)),
+        a={"flr": flr_a, "length": la}, b={"flr": flr_b, "length": lb},
+        dims_a={}, dims_b={}, lp_a=np.zeros((5, 0)), lp_b=np.zeros((5, 0)), y=None,
+    )  # fmt: skip
+    m = _pairwise_metrics(s, EvalConfig(out="x", scoring={}, n_boot=20), [])
+    assert m["n_lc"] == 3  # pairs 0, 2, 4
+    assert m["methods"]["flr"]["accuracy_lc"]["value"] == pytest.approx(1 / 3)  # right on 0 only
+    assert m["methods"]["flr"]["accuracy"]["value"] == pytest.approx(2 / 5)
+    assert m["methods"]["length"]["accuracy_lc"]["value"] == pytest.approx(2 / 3)
+    res = json.load(open(first["out"] / "results.json"))
+    assert "n_lc" in res["sets"]["pairs"] and "accuracy_lc" in res["sets"]["pairs"]["methods"]["flr"]
+    assert "Length-controlled accuracy" in first["stdout"]

@@ -24,6 +24,7 @@ EVAL_EXAMPLES = """examples:
   flr eval prefs.jsonl ../shared/data/rating/fed-turn.jsonl.gz --out runs/x --reward-model ./rm
   flr eval ../shared/data/pairwise --out runs/cal \
       --calibrate-on hh-rlhf-helpful-base
+  flr eval ../shared/data/pairwise --model default-ft --calibration auto --out runs/ft
 
 inputs: .jsonl(.gz) files or folders of them (recursive); one set per file, schema detected:
   pairwise  {"context": [messages], "chosen": str, "rejected": str, "tie": bool}
@@ -46,6 +47,27 @@ def _scorer_from_args(args):
     from flr_engine.cli import _scorer_from_args as build
 
     return build(args)
+
+
+def calibration_path(value: str, model: str, templates) -> str:
+    """``--calibration FILE|auto``: auto is ``calibration-<template set>.json`` in the judge's
+    folder (the shipped ``default-ft`` or a ``flr feedback-tune`` output)."""
+    import os
+
+    if value != "auto":
+        if not os.path.isfile(value):
+            raise FileNotFoundError(f"--calibration {value}: no such file")
+        return value
+    from flr_engine.models import DEFAULT_FT_MODEL, shipped_judge_dir
+
+    folder = shipped_judge_dir() if model == DEFAULT_FT_MODEL else model
+    path = os.path.join(str(folder), f"calibration-{templates.name}.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--calibration auto: the judge {model!r} has no {os.path.basename(path)} "
+            f"(looked in {folder}); fit one with --calibrate-on SET --save-calibration FILE"
+        )
+    return path
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -78,6 +100,19 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         metavar="SET",
         help="fit per-template weights on this pairwise set (logistic regression, CV'd L2) "
         "and report the calibrated reward on the other sets",
+    )
+    p.add_argument(
+        "--save-calibration",
+        default=None,
+        metavar="FILE",
+        help="with --calibrate-on: write the fitted weights to FILE (for --calibration)",
+    )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        metavar="FILE|auto",
+        help="apply saved per-template weights (from --save-calibration) to every set as the "
+        "FLR-cal column; auto: the judge's own calibration-TEMPLATES.json (e.g. default-ft's)",
     )
     p.add_argument(
         "--reward-model",
@@ -124,6 +159,15 @@ def cmd_eval(args) -> int:
     for es in sets:
         log.info("set %s: %s, %d rows, %d usable, %d ties, %d bad", es.name, es.schema,
                  es.rows, len(es.items), es.ties, es.bad)
+    if args.calibration and args.calibrate_on:
+        raise ValueError("--calibration and --calibrate-on exclude each other")
+    if args.save_calibration and not args.calibrate_on:
+        raise ValueError("--save-calibration needs --calibrate-on SET")
+    calibration = None
+    if args.calibration:
+        from flr_engine.evaluation.run import load_calibration
+
+        calibration = load_calibration(calibration_path(args.calibration, args.model, templates), templates)
     cfg = EvalConfig(
         out=args.out,
         scoring=scoring_settings(args),
@@ -139,6 +183,8 @@ def cmd_eval(args) -> int:
         quiet=getattr(args, "quiet", False),
         figure=not args.no_figure,
         workers=args.workers,
+        calibration=calibration,
+        save_calibration=args.save_calibration,
     )
     rm_factory = None
     if args.reward_model:

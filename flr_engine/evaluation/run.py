@@ -93,6 +93,8 @@ class EvalConfig:
     quiet: bool = False
     figure: bool = True
     workers: int = 1  # > 1: score in that many processes (see flr_engine.evaluation.parallel)
+    calibration: dict | None = None  # weights fit elsewhere (load_calibration): FLR-cal on every set
+    save_calibration: str | None = None  # with calibrate_on: write the fit there (save_calibration)
 
 
 class _Lazy:
@@ -344,9 +346,27 @@ def template_polarity(templates: TemplateSet) -> list[dict]:
     return out
 
 
+LC_RATIO = 0.2  # length-controlled accuracy: replies differ in length by less than 20%
+
+
+def length_controlled(len_a: np.ndarray, len_b: np.ndarray, ratio: float = LC_RATIO) -> np.ndarray:
+    """Mask of the pairs whose replies differ in length (characters) by less than ``ratio``
+    of the longer one: ``|a - b| < ratio * max(a, b)``. On these pairs, length alone cannot
+    carry a method far, so accuracy there is a check against length bias."""
+    a, b = np.asarray(len_a, dtype=float), np.asarray(len_b, dtype=float)
+    return np.abs(a - b) < ratio * np.maximum(a, b)
+
+
 def _pairwise_metrics(s: SetScores, cfg: EvalConfig, tinfo: list[dict]) -> dict:
     acc = dict(n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.level)
-    methods = {m: {"accuracy": M.accuracy_ci(s.a[m] - s.b[m], **acc)} for m in s.a}
+    lc = length_controlled(s.a["length"], s.b["length"])
+    methods = {
+        m: {
+            "accuracy": M.accuracy_ci(s.a[m] - s.b[m], **acc),
+            "accuracy_lc": M.accuracy_ci((s.a[m] - s.b[m])[lc], **acc),
+        }
+        for m in s.a
+    }
     dims = {d: {"accuracy": M.accuracy_ci(s.dims_a[d] - s.dims_b[d], **acc)} for d in s.dims_a}
     diff = s.lp_a - s.lp_b
     temps = []
@@ -361,7 +381,7 @@ def _pairwise_metrics(s: SetScores, cfg: EvalConfig, tinfo: list[dict]) -> dict:
             }
         )
     temps.sort(key=lambda e: -(e["accuracy"]["value"] if _num(e["accuracy"]["value"]) else -1))
-    return {"methods": methods, "dimensions": dims, "templates": temps}
+    return {"methods": methods, "dimensions": dims, "templates": temps, "n_lc": int(lc.sum())}
 
 
 def _rating_metrics(s: SetScores, cfg: EvalConfig, tinfo: list[dict]) -> dict:
@@ -431,6 +451,7 @@ def evaluate_set(
         "level": cfg.level,
         "reward_model": cfg.reward_model,
         "on_error": cfg.on_error,
+        "metrics": 2,  # 2: pairwise results carry the length-controlled accuracy
     }
     if not cfg.overwrite and os.path.exists(paths["result"]):
         with open(paths["result"], encoding="utf-8") as fh:
@@ -561,7 +582,62 @@ def run_calibration(
             continue
         t = scores_of(es)
         if es.kind == "pairwise":
-            out["transfer"][es.name] = {"accuracy": M.accuracy_ci((t.lp_a - t.lp_b) @ w, **kw)}
+            d = (t.lp_a - t.lp_b) @ w
+            lc = length_controlled(t.a["length"], t.b["length"])
+            out["transfer"][es.name] = {
+                "accuracy": M.accuracy_ci(d, **kw),
+                "accuracy_lc": M.accuracy_ci(d[lc], **kw),
+            }
+        else:
+            out["transfer"][es.name] = M.correlation_ci(t.lp_a @ w, t.y, **kw)
+    return out
+
+
+def save_calibration(path: str, cal: dict, templates: TemplateSet) -> None:
+    """Write a calibration fit (``run_calibration``'s result) for ``--calibration FILE``."""
+    keep = ("fit_on", "n", "lam", "folds", "cv", "cv_accuracy", "weights", "top")
+    obj = {k: cal[k] for k in keep} | {
+        "templates": templates.name,
+        "texts": _texts_hash(templates.unique_texts),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _write_json(path, obj)
+
+
+def load_calibration(path: str, templates: TemplateSet) -> dict:
+    """Read a saved calibration; its template texts must be those being scored."""
+    with open(path, encoding="utf-8") as fh:
+        cal = json.load(fh)
+    missing = [t for t in templates.unique_texts if t not in cal.get("weights", {})]
+    if missing or cal.get("texts") != _texts_hash(templates.unique_texts):
+        raise ValueError(
+            f"--calibration {path}: fit for template set {cal.get('templates')!r}, not for "
+            f"{templates.name!r} (missing weights for {len(missing)} follow-ups)"
+        )
+    return cal | {"path": path}
+
+
+def apply_calibration(
+    sets: list[EvalSet], results: dict, cfg: EvalConfig, templates: TemplateSet
+) -> dict:
+    """The FLR-cal column on every set from weights fit elsewhere (``cfg.calibration``)."""
+    cal = cfg.calibration
+    dims = templates.dimension_names
+    w = np.array([cal["weights"][t] for t in templates.unique_texts])
+    out = {k: v for k, v in cal.items() if k != "weights"} | {"transfer": {}}
+    kw = dict(n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.level)
+    for es in sets:
+        if not results.get(es.name, {}).get("n"):
+            continue
+        items = es.items[: cfg.limit] if cfg.limit is not None else es.items
+        t = load_scores(es, items, _paths(cfg, es.name), dims, cfg.seed)
+        if es.kind == "pairwise":
+            d = (t.lp_a - t.lp_b) @ w
+            lc = length_controlled(t.a["length"], t.b["length"])
+            out["transfer"][es.name] = {
+                "accuracy": M.accuracy_ci(d, **kw),
+                "accuracy_lc": M.accuracy_ci(d[lc], **kw),
+            }
         else:
             out["transfer"][es.name] = M.correlation_ci(t.lp_a @ w, t.y, **kw)
     return out
@@ -619,6 +695,7 @@ def run_eval(
             "level": cfg.level,
             "reward_model": cfg.reward_model,
             "calibrate_on": cfg.calibrate_on,
+            "calibration": (cfg.calibration or {}).get("path"),
             "engine": getattr(get_scorer.obj, "engine_name", None)
             or getattr(pool, "engine_name", None),
             "workers": cfg.workers,
@@ -630,9 +707,13 @@ def run_eval(
     if cfg.calibrate_on is not None:
         try:
             out["calibration"] = run_calibration(sets, results, cfg, templates)
+            if cfg.save_calibration:
+                save_calibration(cfg.save_calibration, out["calibration"], templates)
         except ValueError as exc:  # e.g. too few pairs: keep the rest of the report
             log.warning("calibration on %s failed: %s", cfg.calibrate_on, exc)
             out["calibration"] = {"fit_on": cfg.calibrate_on, "error": str(exc)}
+    elif cfg.calibration is not None:
+        out["calibration"] = apply_calibration(sets, results, cfg, templates)
     out["seconds"] = round(time.time() - t0, 2)
     md = markdown_report(out)
     files = {
@@ -719,6 +800,24 @@ def markdown_report(res: dict) -> str:
             avg = [f"{100 * np.mean(v):.1f}" if v else "–" for v in means.values()]
             lines.append("| **average** | | | | " + " | ".join(avg) + " |")
         lines.append("")
+        lc_sets = {k: r for k, r in pw.items() if "n_lc" in r}
+        if lc_sets:
+            lines += [
+                f"### Length-controlled accuracy (%, pairs whose replies differ in length by "
+                f"less than {int(100 * LC_RATIO)}%)",
+                "",
+                "| set | n | " + " | ".join(LABELS[c] for c in cols) + " |",
+                "|---|---:|" + "---|" * len(cols),
+            ]
+            for name, r in lc_sets.items():
+                cells = [
+                    "(fit set)"
+                    if c == "flr-cal" and name == cal.get("fit_on")
+                    else _fmt(method_metric(name, r, c, "accuracy_lc"), True)
+                    for c in cols
+                ]
+                lines.append(f"| {name} | {r['n_lc']} | " + " | ".join(cells) + " |")
+            lines.append("")
     rt = {k: r for k, r in sets.items() if r["kind"] == "rating"}
     if rt:
         lines += [
@@ -765,6 +864,13 @@ def markdown_report(res: dict) -> str:
         lines.append("")
     if cal.get("error"):
         lines += [f"### Calibration on {cal['fit_on']} failed: {cal['error']}", ""]
+    elif cal.get("path"):
+        lines += [
+            f"### Calibration from {cal['path']}: per-template weights fit on {cal['fit_on']} "
+            f"(n={cal['n']}, lambda={cal['lam']:g}; {cal['folds']}-fold CV accuracy there "
+            f"{100 * cal['cv_accuracy']:.1f}%), applied to every set (FLR-cal)",
+            "",
+        ]
     elif cal:
         lines += [
             f"### Calibration: per-template logistic weights fit on {cal['fit_on']} "
