@@ -36,7 +36,13 @@ from dataclasses import dataclass, field
 
 from flr_engine.chat import ContextTooLongError, InputError, normalize_conversation, normalize_reply
 from flr_engine.chat_formats import FORMATS, make_renderer
-from flr_engine.io import RowError, read_jsonl
+from flr_engine.io import (
+    OutputConflictError,
+    RowError,
+    atomic_write_text,
+    lock_exclusive,
+    read_jsonl,
+)
 
 log = logging.getLogger("flr_engine.feedback")
 
@@ -226,21 +232,86 @@ def train_feedback(
     ``flr_feedback.json`` (format, base model, data, settings, steps, time, losses), which
     :func:`flr_engine.models.load` reads to score in the right format.
     """
+    os.makedirs(out, exist_ok=True)
+    lock = lock_exclusive(os.path.join(os.path.realpath(out), "run"))  # one run per folder
+    try:
+        ckpt = _prepare_out(out, _run_identity(cfg, encoded, settings), resume, overwrite)
+        return _train(model, tokenizer, encoded, out, cfg, ckpt, resume, settings, skipped,
+                      progress, callbacks)  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+_RUN_FILE = "flr_feedback_run.json"  # written first: marks the folder as ours, keys a resume
+_NOT_IDENTITY = ("resume", "overwrite", "quiet", "max_seconds")  # may change across a resume
+
+
+def _run_identity(cfg: FeedbackTuneConfig, encoded: list[dict], settings: dict | None) -> dict:
+    """What a resumed run must share with the first: config, settings, the encoded rows."""
+    import hashlib
+
+    rows = hashlib.sha256(json.dumps([e["input_ids"] for e in encoded]).encode()).hexdigest()
+    conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IDENTITY}
+    sets = dict(settings or {})
+    sets["args"] = {k: v for k, v in sets.get("args", {}).items() if k not in _NOT_IDENTITY}
+    return {"config": conf, "settings": sets, "rows_sha256": rows}
+
+
+def _prepare_out(out: str, identity: dict, resume: bool, overwrite: bool) -> str | None:
+    """Check ``out`` before training; return the checkpoint to resume from (or None).
+
+    A non-empty folder that is not a feedback-tune run is never written into or removed;
+    an earlier run needs ``--resume`` (same identity only) or ``--overwrite``."""
     import shutil
 
+    run_file = os.path.join(out, _RUN_FILE)
+    entries = [e for e in os.listdir(out) if e != "run.lock"]
+    ours = os.path.exists(run_file)
+    if entries and not ours:
+        raise OutputConflictError(
+            f"--out {out} is not empty and holds no feedback-tune run: choose a new or empty "
+            "folder (nothing there was changed)"
+        )
+    if ours and overwrite:
+        for e in entries:
+            path = os.path.join(out, e)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        ours = False
+    if ours and not resume:
+        raise OutputConflictError(
+            f"{out} holds a feedback-tune run: pass --resume to continue it or --overwrite to "
+            "start over"
+        )
+    if ours:
+        with open(run_file, encoding="utf-8") as fh:
+            old = json.load(fh)
+        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        if diff:
+            raise OutputConflictError(
+                f"{out} was trained with other {', '.join(diff)}; resuming would mix two runs. "
+                "Use another --out, or --overwrite to start over"
+            )
+    atomic_write_text(run_file, json.dumps(identity, indent=1, sort_keys=True))
+    ckpt = _last_checkpoint(out) if resume else None
+    metrics = os.path.join(out, "metrics.jsonl")
+    if os.path.exists(metrics):  # keep only what the resumed checkpoint had logged
+        step = 0
+        if ckpt:
+            with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as fh:
+                step = json.load(fh)["global_step"]
+        with open(metrics, encoding="utf-8") as fh:
+            kept = [x for x in fh if x.endswith("\n") and json.loads(x)["step"] <= step]
+        atomic_write_text(metrics, "".join(kept))
+    return ckpt
+
+
+def _train(model, tokenizer, encoded, out, cfg, ckpt, resume, settings, skipped, progress,
+           callbacks) -> TuneResult:  # fmt: skip
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    ckpt = _last_checkpoint(out)
-    if ckpt and not resume and not overwrite:
-        raise ValueError(
-            f"{out} holds checkpoints ({os.path.basename(ckpt)}): pass --resume to continue "
-            "or --overwrite to start over"
-        )
-    if overwrite and os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
     metrics_path = os.path.join(out, "metrics.jsonl")
 
     class _Metrics(TrainerCallback):

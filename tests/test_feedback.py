@@ -253,6 +253,40 @@ def test_resume_continues_to_the_same_weights(tmp_path, tiny_model_dir, fb_file)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
     assert load(str(tmp_path / "part")).format == "follow-up"
+    steps = [json.loads(x)["step"] for x in open(tmp_path / "part" / "metrics.jsonl")]
+    assert steps == sorted(set(steps)), "a resume must not log a step twice"
+
+
+def test_output_folder_safety(tmp_path, tiny_model_dir):
+    """A folder that is not a feedback-tune run is never written into; a resume with other
+    data or settings is refused and names what differs."""
+    from transformers import AutoModelForCausalLM
+
+    from flr_engine.io import OutputConflictError
+
+    tok = make_tokenizer("chatml")
+
+    def train(out, rows=ROWS, resume=False, lr=5e-3):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        enc, _ = encode_feedback(tok, rows, "follow-up")
+        cfg = FeedbackTuneConfig(max_steps=2, batch_size=2, lr=lr, save_steps=1, warmup_ratio=0.0)
+        return train_feedback(model, tok, enc, str(out), cfg, resume=resume, progress=False,
+                              settings={"model": str(tiny_model_dir)})  # fmt: skip
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    for kw in ({}, {"resume": True}):
+        with pytest.raises(OutputConflictError, match="holds no feedback-tune run"):
+            train(mine, **kw)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "run.lock"]
+    assert (mine / "notes.txt").read_text() == "precious"
+    run = tmp_path / "run"
+    train(run)
+    with pytest.raises(OutputConflictError, match="other config"):
+        train(run, resume=True, lr=1e-3)
+    with pytest.raises(OutputConflictError, match="other rows_sha256"):
+        train(run, rows=ROWS[:-1], resume=True)
 
 
 def test_default_ft_loads_the_shipped_adapter(tmp_path, tiny_model_dir, fb_file, monkeypatch):
