@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 
 from flr_engine.chat import ContextTooLongError, InputError, normalize_conversation, normalize_reply
 from flr_engine.chat_formats import FORMATS, make_renderer
+from flr_engine.errors import ConfigError
 from flr_engine.io import (
+    InputFileError,
     OutputConflictError,
     RowError,
     atomic_write_text,
@@ -83,7 +85,7 @@ def load_feedback_rows(path: str, limit: int | None = None) -> list[FeedbackRow]
         if limit is not None and len(rows) >= limit:
             break
     if not rows:
-        raise ValueError(f"{path}: no feedback rows")
+        raise InputFileError(f"{path}: no feedback rows")
     return rows
 
 
@@ -112,7 +114,7 @@ def encode_feedback(
             skipped += 1
             log.info("skipping %s:%d: %s", path, r.line, exc)
     if not out:
-        raise ValueError(f"{path}: no row fits max_length={max_length}")
+        raise InputFileError(f"{path}: no row fits max_length={max_length}")
     return out, skipped
 
 
@@ -167,16 +169,16 @@ class FeedbackTuneConfig:
 
     def __post_init__(self):
         if self.format not in FORMATS:
-            raise ValueError(f"--format must be one of {FORMATS}, got {self.format!r}")
+            raise ConfigError(f"--format must be one of {FORMATS}, got {self.format!r}")
         for name in ("lora_r", "batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lora_layers < 0 or self.max_seconds < 0:
-            raise ValueError("--lora-layers and --max-seconds must be >= 0")
+            raise ConfigError("--lora-layers and --max-seconds must be >= 0")
         if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.max_steps < 0 and self.epochs <= 0:
-            raise ValueError("give --epochs > 0 or --max-steps >= 1")
+            raise ConfigError("give --epochs > 0 or --max-steps >= 1")
 
 
 @dataclass

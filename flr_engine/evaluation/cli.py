@@ -11,7 +11,7 @@ import functools
 import logging
 import sys
 
-from flr_engine.errors import ConfigError
+from flr_engine.errors import ConfigError, MissingFileError
 
 log = logging.getLogger("flr_engine")
 
@@ -56,14 +56,14 @@ def calibration_path(value: str, model: str, templates) -> str:
 
     if value != "auto":
         if not os.path.isfile(value):
-            raise FileNotFoundError(f"--calibration {value}: no such file")
+            raise MissingFileError(f"--calibration {value}: no such file")
         return value
     from flr_engine.models import DEFAULT_FT_MODEL, shipped_judge_dir
 
     folder = shipped_judge_dir() if model == DEFAULT_FT_MODEL else model
     path = os.path.join(str(folder), f"calibration-{templates.name}.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"--calibration auto: the judge {model!r} has no {os.path.basename(path)} "
             f"(looked in {folder}); fit one with --calibrate-on SET --save-calibration FILE"
         )
@@ -160,9 +160,9 @@ def cmd_eval(args) -> int:
         log.info("set %s: %s, %d rows, %d usable, %d ties, %d bad", es.name, es.schema,
                  es.rows, len(es.items), es.ties, es.bad)
     if args.calibration and args.calibrate_on:
-        raise ValueError("--calibration and --calibrate-on exclude each other")
+        raise ConfigError("--calibration and --calibrate-on exclude each other")
     if args.save_calibration and not args.calibrate_on:
-        raise ValueError("--save-calibration needs --calibrate-on SET")
+        raise ConfigError("--save-calibration needs --calibrate-on SET")
     calibration = None
     if args.calibration:
         from flr_engine.evaluation.run import load_calibration

@@ -31,6 +31,8 @@ import warnings
 
 import numpy as np
 
+from flr_engine.errors import ConfigError
+
 DEFAULT_BOOT = 1000
 DEFAULT_LEVEL = 0.95
 
@@ -246,7 +248,7 @@ def calibrate(
     x = x[keep]
     n = x.shape[0]
     if n < 4:
-        raise ValueError(f"calibration needs at least 4 non-tie pairs, got {n}")
+        raise ConfigError(f"calibration needs at least 4 non-tie pairs, got {n}")
     scale = np.sqrt((x * x).mean(axis=0))
     scale[scale == 0] = 1.0
     z = x / scale

@@ -610,7 +610,7 @@ def load_calibration(path: str, templates: TemplateSet) -> dict:
         cal = json.load(fh)
     missing = [t for t in templates.unique_texts if t not in cal.get("weights", {})]
     if missing or cal.get("texts") != _texts_hash(templates.unique_texts):
-        raise ValueError(
+        raise ConfigError(
             f"--calibration {path}: fit for template set {cal.get('templates')!r}, not for "
             f"{templates.name!r} (missing weights for {len(missing)} follow-ups)"
         )
