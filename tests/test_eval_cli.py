@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from flr_engine.evaluation import cli as eval_cli
-from flr_engine.evaluation.cli import main
+from flr_engine.cli import evaluate as eval_cli
+from flr_engine.cli import main
 
 Q = [
     "What is the capital of France?",
@@ -137,7 +137,7 @@ def test_rerun_reuses_finished_sets_without_loading_a_model(first, tiny_model_di
     def boom(args):
         raise AssertionError("the model must not be loaded for finished sets")
 
-    monkeypatch.setattr(eval_cli, "_scorer_from_args", boom)
+    monkeypatch.setattr(eval_cli, "scorer_from_args", boom)
     assert run(tiny_model_dir, out, first["data"]) == 0
     text = capsys.readouterr().out
     assert "reused finished results for: pairs, ratings, ties" in text
@@ -222,7 +222,7 @@ def test_calibration_reports_only_other_sets(tiny_model_dir, tmp_path, capsys):
 
 
 def test_bad_rows_fail_before_any_model_load(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(eval_cli, "_scorer_from_args", lambda a: 1 / 0)
+    monkeypatch.setattr(eval_cli, "scorer_from_args", lambda a: 1 / 0)
     p = write(tmp_path / "x.jsonl", [PAIRS[0], {"context": "hi", "chosen": "a"}])
     assert main(["-q", "eval", p, "--out", str(tmp_path / "o"), "--on-error", "fail"]) == 2
     assert "x.jsonl:2: field 'rejected': missing" in capsys.readouterr().err
@@ -354,12 +354,8 @@ def test_length_controlled_accuracy(first):
     """Accuracy on the pairs whose replies differ in length by < 20% of the longer one."""
     import numpy as np
 
-    from flr_engine.evaluation.run import (
-        EvalConfig,
-        SetScores,
-        _pairwise_metrics,
-        length_controlled,
-    )
+    from flr_engine.evaluation.results import SetScores
+    from flr_engine.evaluation.set_metrics import length_controlled, pairwise_metrics
 
     assert length_controlled([100, 100, 10], [81, 80, 10]).tolist() == [True, False, True]
     la, lb = np.array([100.0, 100, 50, 50, 10]), np.array([85.0, 40, 45, 20, 11])
@@ -369,7 +365,7 @@ def test_length_controlled_accuracy(first):
         a={"flr": flr_a, "length": la}, b={"flr": flr_b, "length": lb},
         dims_a={}, dims_b={}, lp_a=np.zeros((5, 0)), lp_b=np.zeros((5, 0)), y=None,
     )  # fmt: skip
-    m = _pairwise_metrics(s, EvalConfig(out="x", scoring={}, n_boot=20), [])
+    m = pairwise_metrics(s, [], n_boot=20)
     assert m["n_lc"] == 3  # pairs 0, 2, 4
     assert m["methods"]["flr"]["accuracy_lc"]["value"] == pytest.approx(1 / 3)  # right on 0 only
     assert m["methods"]["flr"]["accuracy"]["value"] == pytest.approx(2 / 5)

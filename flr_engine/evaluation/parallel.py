@@ -26,7 +26,7 @@ def _init_worker(factory: Callable[[], object], threads: int, quiet: bool) -> No
     global _scorer
     import torch
 
-    from flr_engine.cli import setup_logging
+    from flr_engine.logs import setup_logging
 
     torch.set_num_threads(threads)
     setup_logging(logging.WARNING, quiet)  # bad rows are logged; progress stays the parent's
@@ -34,7 +34,7 @@ def _init_worker(factory: Callable[[], object], threads: int, quiet: bool) -> No
 
 
 def _score(batch: list, path: str, on_error: str) -> tuple[list[dict], float, str | None]:
-    from flr_engine.evaluation.run import score_batch
+    from flr_engine.evaluation.scoring import score_batch
 
     t0 = time.time()
     recs = score_batch(_scorer, batch, SimpleNamespace(path=path), on_error)
