@@ -18,9 +18,13 @@ def quiet_libraries() -> None:
 
 
 def setup_logging(level: int, quiet: bool) -> None:
-    """The command line's log format at ``level``; ``quiet`` also silences library bars."""
+    """The command line's log format at ``level``; ``quiet`` also silences library bars.
+    Under a launcher (``WORLD_SIZE`` > 1) every line says which rank wrote it."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = f"[rank {os.environ.get('RANK', 0)}/{world}] " if world > 1 else ""
     logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        level=level, format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     if quiet:
         quiet_libraries()

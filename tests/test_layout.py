@@ -15,7 +15,7 @@ LAYERS = [
     ("ops", "kernels"),
     ("engine",),
     ("control", "chat", "chat_formats", "templates", "io", "models", "reward", "sampling",
-     "reference", "baselines", "llamacpp", "scorer", "trl_reward", "env"),
+     "reference", "baselines", "llamacpp", "scorer", "trl_reward", "env", "distributed"),
     ("evaluation", "mining", "dpo", "feedback", "bench"),
     ("cli",),
 ]  # fmt: skip

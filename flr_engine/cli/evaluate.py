@@ -27,6 +27,7 @@ EVAL_EXAMPLES = """examples:
   flr eval ../shared/data/pairwise --out runs/cal \
       --calibrate-on hh-rlhf-helpful-base
   flr eval ../shared/data/pairwise --model default-ft --calibration auto --out runs/ft
+  torchrun --nproc-per-node 2 -m flr_engine.cli eval ../shared/data/pairwise --out runs/eval
 
 inputs: .jsonl(.gz) files or folders of them (recursive); one set per file, schema detected:
   pairwise  {"context": [messages], "chosen": str, "rejected": str, "tie": bool}
@@ -40,7 +41,9 @@ sets: accuracy (score ties count 0.5); rating sets: Pearson/Spearman/Kendall; al
 bootstrap intervals, per dimension and per template.
 (The HH sets of ../shared/data hold a few empty replies: counts them as bad.)
 Output in --out: results.json, report.md, eval.png, sets/*. A rerun skips finished sets
-and resumes an interrupted one row by row (--overwrite starts over)."""
+and resumes an interrupted one row by row (--overwrite starts over). Under torchrun or
+accelerate launch each rank scores every N-th batch on its own device; rank 0 merges the
+rows and writes the report (the same rows and numbers as one process)."""
 
 
 
@@ -58,10 +61,6 @@ def register(subparsers) -> None:
                    help=f"folder for results (resumable; default {DEFAULT_OUT})")
     p.add_argument("--limit", type=int, default=None, help="first N non-tie rows per set")
     p.add_argument("--batch-size", type=int, default=4, help="rows scored per backend call")
-    p.add_argument("--workers", type=int, default=1,
-                   help="score in N processes, each with its own model and 1/N of the torch "
-                   "threads (on CPU, 2 one-thread processes beat 1 two-thread one: see "
-                   "docs/evaluation.md); rows and results are the same")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--level", type=float, default=0.95, help="interval level")
     p.add_argument("--seed", type=int, default=0, help="seed of bootstrap, random baseline, CV")
@@ -101,6 +100,7 @@ def register(subparsers) -> None:
 
 
 def cmd_eval(args) -> int:
+    from flr_engine.distributed import Ranks
     from flr_engine.evaluation.data import load_sets
     from flr_engine.evaluation.run import EvalConfig, run_eval
     from flr_engine.evaluation.scoring import RewardModelScorer
@@ -114,8 +114,6 @@ def cmd_eval(args) -> int:
                          "positionally or with --data")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
-    if args.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     dims = args.dimensions.split(",") if args.dimensions else None
@@ -152,17 +150,19 @@ def cmd_eval(args) -> int:
         overwrite=args.overwrite,
         quiet=getattr(args, "quiet", False),
         figure=not args.no_figure,
-        workers=args.workers,
         calibration=calibration,
         save_calibration=args.save_calibration,
     )
+    ranks = Ranks.from_env()
+    args.device = ranks.device(args.device)
     rm_factory = None
     if args.reward_model:
         def rm_factory():
             return RewardModelScorer(args.reward_model, device=resolve_device(args.device), dtype=args.dtype)
 
-    # a partial, not a lambda: --workers sends the factory to other processes
     res = run_eval(sets, cfg, templates, functools.partial(scorer_from_args, args), rm_factory)
+    if not ranks.is_main:  # rank 0 prints the report
+        return 0
     print(res["markdown"], end="")
     print(f"\nwrote {', '.join(res['files'].values())} ({res['seconds']:.1f}s)")
     return 0

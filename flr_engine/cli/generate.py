@@ -49,7 +49,8 @@ def register(subparsers) -> None:
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    from flr_engine.io import ResumableWriter, input_files
+    from flr_engine.distributed import Ranks, ShardedOutput, chunks
+    from flr_engine.io import input_files
     from flr_engine.mining import (
         prompt_ids,
         prompt_seed,
@@ -69,8 +70,9 @@ def cmd_generate(args) -> int:
         for k in ("prompts", "policy", "max_new_tokens", "temperature", "top_p", "seed",
                   "batch_prompts", "dtype")
     } | {"skip": args.skip, "chat_template": template_hash(template)}  # fmt: skip
+    ranks = Ranks.from_env()
     t0 = time.time()
-    lm = load(args.policy, dtype=args.dtype, device=args.device, chat_template=template)
+    lm = load(args.policy, dtype=args.dtype, device=ranks.device(args.device), chat_template=template)
     tok = lm.tokenizer
     require_chat_template(tok, f"the policy {args.policy!r}")
     eot, pad = stop_and_pad_ids(tok)
@@ -80,13 +82,17 @@ def cmd_generate(args) -> int:
     from flr_engine.models import model_files
 
     inputs = input_files(args.prompts, args.chat_template) + model_files(args.policy)
-    with ResumableWriter(
-        args.out, settings, resume=not args.overwrite, out_flag="--out", inputs=inputs
+    with ShardedOutput(
+        args.out, settings, ranks, resume=not args.overwrite, out_flag="--out", inputs=inputs
     ) as out:
-        bar = tqdm(total=len(prompts), initial=sum(p.line in out.done for p in prompts),
-                   unit="prompt", desc="flr generate", disable=args.quiet)  # fmt: skip
-        for start in range(0, len(prompts), args.batch_prompts):
-            chunk = prompts[start : start + args.batch_prompts]
+        # batches fixed by input position (seeded per prompt): the same replies for any
+        # number of ranks, and after a resume
+        mine = ranks.take(chunks(prompts, args.batch_prompts))
+        total = sum(len(c) for c in mine)
+        bar = tqdm(total=total, initial=sum(p.line in out.done for c in mine for p in c),
+                   unit="prompt", desc=f"{ranks.tag}flr generate",
+                   disable=args.quiet or not ranks.is_main)  # fmt: skip
+        for chunk in mine:
             if all(p.line in out.done for p in chunk):
                 continue
             ids = [prompt_ids(tok, p.messages, args.max_new_tokens, max_pos, p.line) for p in chunk]

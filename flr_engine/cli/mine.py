@@ -59,6 +59,7 @@ def register(subparsers) -> None:
 
 
 def cmd_mine(args) -> int:
+    from flr_engine.distributed import Ranks
     from flr_engine.mining import MineConfig, Miner, mine, read_prompts, require_chat_template
     from flr_engine.models import load
     from flr_engine.scorer import FLRScorer
@@ -81,6 +82,8 @@ def cmd_mine(args) -> int:
         "dtype": args.dtype,
         "chat_template": template_hash(template),
     }
+    ranks = Ranks.from_env()
+    args.device = ranks.device(args.device)
     t0 = time.time()
     policy = load(args.policy, dtype=args.dtype, device=args.device, chat_template=template)
     require_chat_template(policy.tokenizer, f"the policy {args.policy!r}")
@@ -105,7 +108,7 @@ def cmd_mine(args) -> int:
     inputs = input_files(args.prompts, args.templates, args.chat_template)
     inputs += model_files(args.policy) + model_files(args.model or args.policy)
     stats = mine(miner, prompts, args.out, settings, resume=not args.overwrite,
-                 progress=not args.quiet, inputs=sorted(set(inputs)))  # fmt: skip
+                 progress=not args.quiet, inputs=sorted(set(inputs)), ranks=ranks)  # fmt: skip
     log.info("flr mine: %s", stats.summary())
     if args.quiet:
         print(f"flr mine: {stats.summary()}", file=sys.stderr)

@@ -14,7 +14,8 @@ from flr_engine.cli.args import (
     scorer_from_args,
     scoring_settings,
 )
-from flr_engine.io import ResumableWriter, RowError, input_files, parse_score_row, read_rows
+from flr_engine.distributed import Ranks, ShardedOutput, chunks
+from flr_engine.io import RowError, input_files, parse_score_row, read_rows
 
 log = logging.getLogger("flr_engine")
 
@@ -22,12 +23,14 @@ SCORE_EXAMPLES = """examples:
   flr score --input rows.jsonl --output scores.jsonl
   flr score --input rows.jsonl --output scores.jsonl --templates flr-mixed --mode official
   flr score --input rows.jsonl --output scores.jsonl --model ./my-model --dimensions relevance
+  torchrun --nproc-per-node 4 -m flr_engine.cli score --input rows.jsonl --output scores.jsonl
 
 input rows (JSONL, .gz ok): {"context": [{"role": "user", "content": ...}, ...], "response": "..."}
                         or: {"prompt": "..." | [messages], "completion": "..." | [messages]}
 A rerun with the same --output skips rows already scored; an interrupted run loses nothing
 already written. A bad row stops the run with file:line: field (or --on-error skip logs it
-to OUTPUT.errors.jsonl and goes on)."""
+to OUTPUT.errors.jsonl and goes on). Under torchrun / accelerate launch each rank scores
+every N-th batch on its own device into OUTPUT.shard-R; rank 0 merges them in input order."""
 
 
 
@@ -61,6 +64,8 @@ def cmd_score(args) -> int:
         args.input, parse_score_row, args.on_error, args.allow_empty, log=log.warning
     )
     settings = {"input": args.input, **scoring_settings(args)}
+    ranks = Ranks.from_env()
+    args.device = ranks.device(args.device)
     t0 = time.time()
     scorer = scorer_from_args(args)
     log.info(
@@ -72,29 +77,25 @@ def cmd_score(args) -> int:
     from flr_engine.models import model_files
 
     inputs = input_files(args.input, args.templates, args.chat_template) + model_files(args.model)
-    with ResumableWriter(args.output, settings, resume=not args.overwrite, inputs=inputs) as out:
-        todo = [r for r in rows if r.line not in out.done]
-        if len(todo) < len(rows):
-            log.info(
-                "resuming: %d of %d rows already in %s",
-                len(rows) - len(todo),
-                len(rows),
-                args.output,
-            )
+    with ShardedOutput(args.output, settings, ranks, resume=not args.overwrite, inputs=inputs) as out:
+        # fixed batches by input position, every world-th one for this rank: each row is
+        # scored in the same batch however many ranks there are
+        mine = ranks.take(chunks(rows, args.batch_size))
+        total = sum(len(c) for c in mine)
+        todo = [[r for r in c if r.line not in out.done] for c in mine]
+        left = sum(len(c) for c in todo)
+        if left < total:
+            log.info("%sresuming: %d of %d rows already in %s", ranks.tag, total - left, total,
+                     args.output)  # fmt: skip
         errors = open(args.output + ".errors.jsonl", "a") if args.on_error == "skip" else None
         skipped = len(bad)
-        for err in bad if errors is not None else []:
+        for err in bad if errors is not None and ranks.is_main else []:
             errors.write(json.dumps({"line": err.line, "error": str(err)}) + "\n")
-        bar = tqdm(
-            total=len(rows),
-            initial=len(rows) - len(todo),
-            unit="row",
-            desc="flr score",
-            disable=args.quiet,
-        )
-        for i in range(0, len(todo), args.batch_size):
+        bar = tqdm(total=total, initial=total - left, unit="row", desc=f"{ranks.tag}flr score",
+                   disable=args.quiet or not ranks.is_main)  # fmt: skip
+        for chunk in todo:
             batch, prepared = [], []
-            for r in todo[i : i + args.batch_size]:
+            for r in chunk:
                 try:
                     prepared.append(scorer.prepare(r.context, r.response))
                     batch.append(r)
@@ -106,7 +107,9 @@ def cmd_score(args) -> int:
                     errors.write(json.dumps({"line": r.line, "error": str(err)}) + "\n")
                     skipped += 1
                     bar.update(1)
-            results = scorer.score_prepared(prepared) if prepared else []
+            if not prepared:
+                continue
+            results = scorer.score_prepared(prepared)
             out.write(
                 [{"line": r.line, "id": r.id, **res.to_dict()} for r, res in zip(batch, results)]
             )

@@ -13,7 +13,6 @@
 * :mod:`~flr_engine.evaluation.calibration`: per-template weights, fit, saved, applied;
 * :mod:`~flr_engine.evaluation.report`: the markdown report and the figure;
 * :mod:`~flr_engine.evaluation.config` / :mod:`~flr_engine.evaluation.run`: the resumable job;
-* :mod:`~flr_engine.evaluation.parallel`: ``--workers`` processes;
 * :mod:`~flr_engine.evaluation.compare`: two policies' rewards on the same prompts.
 
 The ``flr eval`` command itself is :mod:`flr_engine.cli.evaluate`.

@@ -25,6 +25,5 @@ class EvalConfig:
     overwrite: bool = False
     quiet: bool = False
     figure: bool = True
-    workers: int = 1  # > 1: score in that many processes (see flr_engine.evaluation.parallel)
     calibration: dict | None = None  # weights fit elsewhere (load_calibration): FLR-cal on every set
     save_calibration: str | None = None  # with calibrate_on: write the fit there (save_calibration)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from flr_engine.evaluation.set_metrics import LC_RATIO, primary
 from flr_engine.evaluation.results import num
+from flr_engine.evaluation.set_metrics import LC_RATIO, primary
 
 METHODS = ("flr", "direct", "length", "random")
 LABELS = {

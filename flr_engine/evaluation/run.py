@@ -32,9 +32,10 @@ set resumes from its ``rows.jsonl``. The parts live in their own modules: rows a
 by :mod:`.scoring`, kept and read back by :mod:`.results`, measured by :mod:`.set_metrics`,
 calibrated by :mod:`.calibration` and reported by :mod:`.report`. Calibration (``calibrate_on``) fits per-template
 weights on one pairwise set (:func:`~flr_engine.evaluation.metrics.calibrate`) and reports
-the calibrated reward ``sum_t w_t lp(t)`` on the *other* sets only. With ``workers > 1``
-the batches are scored in that many processes (:mod:`flr_engine.evaluation.parallel`);
-a row's ``seconds`` is then its worker's time, so a set's total is summed over workers.
+the calibrated reward ``sum_t w_t lp(t)`` on the *other* sets only. Under a launcher
+(``torchrun --nproc-per-node N -m flr_engine.cli eval ...``) each rank scores every N-th
+batch into its own shard (:mod:`flr_engine.distributed`) and rank 0 merges them and writes
+the results; a row's ``seconds`` is its rank's time, so a set's total is summed over ranks.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from flr_engine.distributed import Ranks, ShardedOutput, chunks
 from flr_engine.errors import ConfigError
 from flr_engine.evaluation.calibration import apply_calibration, fit_calibration, save_calibration
 from flr_engine.evaluation.config import EvalConfig
@@ -54,11 +55,8 @@ from flr_engine.evaluation.report import markdown_report, plot
 from flr_engine.evaluation.results import load_scores, set_paths, sha1_file, texts_hash, write_json
 from flr_engine.evaluation.scoring import replies, score_batch
 from flr_engine.evaluation.set_metrics import pairwise_metrics, rating_metrics, template_polarity
-from flr_engine.io import OutputBusyError, ResumableWriter, input_files
+from flr_engine.io import OutputBusyError, input_files
 from flr_engine.templates import TemplateSet
-
-if TYPE_CHECKING:
-    from flr_engine.evaluation.parallel import ScoringPool
 
 log = logging.getLogger("flr_engine.eval")
 
@@ -92,11 +90,13 @@ def evaluate_set(
     templates: TemplateSet,
     get_scorer: Callable,
     get_rm: Callable | None = None,
-    pool: ScoringPool | None = None,
+    ranks: Ranks | None = None,
 ) -> dict:
-    """Score (or resume) one set and compute its metrics; reuse a finished result."""
+    """Score (or resume) one set and compute its metrics; reuse a finished result. Under a
+    launcher (``ranks``) every rank scores its share; rank 0 computes the metrics."""
     from tqdm import tqdm
 
+    ranks = ranks or Ranks()
     paths = set_paths(cfg.out, es.name, cfg.reward_model)
     os.makedirs(os.path.dirname(paths["rows"]), exist_ok=True)
     texts = templates.unique_texts
@@ -133,32 +133,29 @@ def evaluate_set(
             es.path, cfg.scoring.get("templates"), cfg.scoring.get("chat_template")
         ) + model_files(cfg.scoring["model"])
         try:
-            rows_writer = ResumableWriter(
-                paths["rows"], row_settings, resume=not cfg.overwrite, out_flag="--out",
+            rows_writer = ShardedOutput(
+                paths["rows"], row_settings, ranks, resume=not cfg.overwrite, out_flag="--out",
                 inputs=inputs,
             )
         except OutputBusyError as exc:  # another `flr eval` on the same --out has this set
             log.warning("set %s skipped here: %s", es.name, exc)
             return {"name": es.name, "path": es.path, "busy": True}
+        # batches fixed by input position; under a launcher every world-th one is this rank's
+        mine = ranks.take(chunks(items, cfg.batch_size))
         with rows_writer as w:
-            todo = [it for it in items if it.line not in w.done]
-            if todo and len(todo) < len(items):
-                log.info(
-                    "set %s: resuming, %d of %d done", es.name, len(items) - len(todo), len(items)
-                )
+            total = sum(len(c) for c in mine)
+            batches = [b for b in ([it for it in c if it.line not in w.done] for c in mine) if b]
+            left = sum(len(b) for b in batches)
+            if left and left < total:
+                log.info("%sset %s: resuming, %d of %d done", ranks.tag, es.name, total - left, total)
             bar = tqdm(
-                total=len(items),
-                initial=len(items) - len(todo),
+                total=total,
+                initial=total - left,
                 unit=unit,
-                desc=f"eval {es.name}",
-                disable=cfg.quiet,
+                desc=f"{ranks.tag}eval {es.name}",
+                disable=cfg.quiet or not ranks.is_main,
             )
-            batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
-            if pool is not None:  # a batch's seconds are its worker's time
-                scored = pool.score(batches, es.path, cfg.on_error)
-            else:
-                scored = _score_serially(get_scorer, batches, es, cfg.on_error)
-            for recs, seconds in scored:
+            for recs, seconds in _score_serially(get_scorer, batches, es, cfg.on_error):
                 per_row = round(seconds / max(1, len(recs)), 4)
                 w.write([{**r, "seconds": per_row} for r in recs])
                 computed += len(recs)
@@ -167,16 +164,19 @@ def evaluate_set(
         if get_rm is not None and paths["rm"]:
             rm_settings = {k: row_settings[k] for k in ("data", "data_sha1")}
             rm_settings["reward_model"] = cfg.reward_model
-            with ResumableWriter(
-                paths["rm"], rm_settings, resume=not cfg.overwrite, out_flag="--out",
+            with ShardedOutput(
+                paths["rm"], rm_settings, ranks, resume=not cfg.overwrite, out_flag="--out",
                 inputs=input_files(es.path),
             ) as w:
-                todo = [it for it in items if it.line not in w.done]
-                for it in tqdm(todo, desc=f"rm {es.name}", unit=unit, disable=cfg.quiet):
+                todo = [it for c in mine for it in c if it.line not in w.done]
+                for it in tqdm(todo, desc=f"{ranks.tag}rm {es.name}", unit=unit,
+                               disable=cfg.quiet or not ranks.is_main):  # fmt: skip
                     rec = {"line": it.line}
                     for fld, reply in replies(it):
                         rec[fld] = get_rm().score(it.context, reply)
                     w.write([rec])
+    if not ranks.is_main:  # rank 0 alone reads the merged rows and writes the result
+        return {"name": es.name, "path": es.path, "rank": ranks.rank}
     scores = load_scores(es, items, paths, templates.dimension_names, cfg.seed)
     result = {
         "name": es.name,
@@ -233,24 +233,15 @@ def run_eval(
     get_rm = _Lazy(rm_factory) if rm_factory is not None and cfg.reward_model else None
     results = {}
     busy = []  # sets another process is scoring into the same --out: left out of this report
-    pool = None
-    if cfg.workers > 1:
-        import torch
-
-        from flr_engine.evaluation.parallel import ScoringPool
-
-        threads = max(1, torch.get_num_threads() // cfg.workers)
-        pool = ScoringPool(scorer_factory, cfg.workers, threads, cfg.quiet)
-    try:
-        for es in sets:
-            r = evaluate_set(es, cfg, templates, get_scorer, get_rm, pool)
-            if r.get("busy"):
-                busy.append(es.name)
-            else:
-                results[es.name] = r
-    finally:
-        if pool is not None:
-            pool.close()
+    ranks = Ranks.from_env()
+    for es in sets:
+        r = evaluate_set(es, cfg, templates, get_scorer, get_rm, ranks)
+        if r.get("busy"):
+            busy.append(es.name)
+        else:
+            results[es.name] = r
+    if not ranks.is_main:
+        return {"rank": ranks.rank, "sets": results, "markdown": "", "files": {}}
     out = {
         "settings": {
             **cfg.scoring,
@@ -261,9 +252,8 @@ def run_eval(
             "reward_model": cfg.reward_model,
             "calibrate_on": cfg.calibrate_on,
             "calibration": (cfg.calibration or {}).get("path"),
-            "engine": getattr(get_scorer.obj, "engine_name", None)
-            or getattr(pool, "engine_name", None),
-            "workers": cfg.workers,
+            "engine": getattr(get_scorer.obj, "engine_name", None),
+            "ranks": ranks.world,
         },
         "sets": results,
         "busy": busy,
