@@ -1,4 +1,6 @@
-"""The packed prefix-tree scoring engine: exact FLR scores, each unique token computed once.
+"""The packed prefix-tree scoring engine: exact per-sequence log-prob sums, each unique token
+computed once, behind the backend protocol of :mod:`flr_engine.engine.protocol` (raw sums and
+counts; reduction, mode and Direct are :mod:`flr_engine.scorer`'s).
 
 For a batch of sequences (conversation -> replies -> follow-ups) the engine:
 
@@ -16,10 +18,9 @@ For a batch of sequences (conversation -> replies -> follow-ups) the engine:
        lp[u] = z(h[parent[u]])[input_ids[u]] - lse(h[parent[u]])     never (T, V) logits
 
    (:meth:`~flr_engine.engine.forward.LMHead.logprobs` with ``rows``);
-4. reduces per sequence: mean (or sum) of ``lp`` over its scored tokens
-   (:func:`~flr_engine.ops.fused_logprob.segment_sum`).
+4. sums ``lp`` per sequence over its scored tokens (:func:`~flr_engine.ops.fused_logprob.segment_sum`).
 
-Official mode: the raw logits ``z(h[node of logit_pos])[logit_ids]``
+Official mode (``logit_sums``): the raw logits ``z(h[node of logit_pos])[logit_ids]``
 (:meth:`~flr_engine.engine.forward.LMHead.logits`), summed per sequence.
 """
 
@@ -33,15 +34,16 @@ import torch
 from flr_engine.engine.attention import route_tree_attention
 from flr_engine.engine.forward import LMHead, packed_hidden_states
 from flr_engine.engine.packer import pack_sequences
+from flr_engine.engine.protocol import LogitTargets, ScoringBackend, SpanSums, TokenTargets
 from flr_engine.ops.fused_logprob import segment_sum
 
-__all__ = ["EngineBackend"]
+__all__ = ["EngineBackend", "LogitTargets", "ScoringBackend", "SpanSums", "TokenTargets"]
 
 log = logging.getLogger(__name__)
 
 
 class EngineBackend:
-    """Scores :class:`~flr_engine.chat.ScoredSequence` lists with the packed engine.
+    """The packed engine behind :class:`ScoringBackend`.
 
     Args:
         token_budget: max unique tokens per packed forward (memory vs. overhead).
@@ -89,28 +91,16 @@ class EngineBackend:
                 h = packed_hidden_states(self.model, pack, attn_impl=self.attn_impl)  # (T, H)
             yield result, pack, slice(r.start, r.stop), h
 
-    def sequence_scores(self, seqs: Sequence, mode: str = "likelihood", reduction: str = "mean") -> list[float]:
+    def logprob_sums(self, seqs: Sequence[TokenTargets]) -> SpanSums:
+        """``sum_{n in targets} log p(ids[n] | ids[:n])`` and ``len(targets)`` per sequence."""
         sums = torch.zeros(len(seqs), dtype=torch.float64)  # (S,)
-        counts = torch.zeros(len(seqs), dtype=torch.float64)  # (S,)
         dev = self.device
         for result, pack, sl, h in self._packs(seqs):
-            members = [seqs[si] for si in range(sl.start, sl.stop)]
-            if mode == "official":
-                rows = torch.stack([result.nodes_of(sl.start + i)[s.logit_pos] for i, s in enumerate(members)])
-                lens = torch.tensor([len(s.logit_ids) for s in members])  # (S_p,)
-                seg = torch.repeat_interleave(torch.arange(len(members)), lens)  # (M,)
-                ids = torch.tensor([t for s in members for t in s.logit_ids], dtype=torch.long)
-                with torch.no_grad():
-                    z = self.head.logits(h[rows.to(dev)], ids.to(dev), rows=seg.to(dev))  # (M,)
-                sums[sl] = segment_sum(z.cpu().double(), seg, len(members))
-                counts[sl] = lens.double()
-                continue
             scored = [
-                result.nodes_of(sl.start + i)[torch.as_tensor(s.targets, dtype=torch.long)]
-                for i, s in enumerate(members)
+                result.nodes_of(si)[torch.as_tensor(seqs[si].targets, dtype=torch.long)]
+                for si in range(sl.start, sl.stop)
             ]  # packed node of each scored token, per sequence
             lens = torch.tensor([len(x) for x in scored])  # (S_p,)
-            counts[sl] = lens.double()
             if not int(lens.sum()):
                 continue
             nodes, inverse = torch.unique(torch.cat(scored), return_inverse=True)  # (U,), (M,)
@@ -124,5 +114,19 @@ class EngineBackend:
             self.last_stats["normalisers"] += len(parents)
             seg = torch.repeat_interleave(torch.arange(len(scored)), lens)  # (M,)
             sums[sl] = segment_sum(lp.cpu().double()[inverse], seg, len(scored))
-        vals = sums / counts if mode == "official" or reduction == "mean" else sums
-        return vals.tolist()
+        return SpanSums(sums.tolist(), [len(s.targets) for s in seqs])
+
+    def logit_sums(self, seqs: Sequence[LogitTargets]) -> SpanSums:
+        """``sum_k z(ids[:logit_pos + 1])[logit_ids[k]]`` (raw logits) and ``len(logit_ids)``."""
+        sums = torch.zeros(len(seqs), dtype=torch.float64)  # (S,)
+        dev = self.device
+        for result, _, sl, h in self._packs(seqs):
+            members = [seqs[si] for si in range(sl.start, sl.stop)]
+            rows = torch.stack([result.nodes_of(sl.start + i)[s.logit_pos] for i, s in enumerate(members)])
+            lens = torch.tensor([len(s.logit_ids) for s in members])  # (S_p,)
+            seg = torch.repeat_interleave(torch.arange(len(members)), lens)  # (M,)
+            ids = torch.tensor([t for s in members for t in s.logit_ids], dtype=torch.long)  # (M,)
+            with torch.no_grad():
+                z = self.head.logits(h[rows.to(dev)], ids.to(dev), rows=seg.to(dev))  # (M,)
+            sums[sl] = segment_sum(z.cpu().double(), seg, len(members))
+        return SpanSums(sums.tolist(), [len(s.logit_ids) for s in seqs])
