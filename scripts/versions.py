@@ -18,7 +18,7 @@ import sys
 
 from packaging.requirements import Requirement
 
-WATCHED = ("torch", "transformers", "trl", "peft", "accelerate", "triton", "tokenizers", "kernels")
+WATCHED = ("torch", "transformers", "trl", "peft", "accelerate", "triton", "tokenizers", "kernels", "ray")
 
 
 def ranges() -> dict[str, str]:

@@ -15,7 +15,8 @@ LAYERS = [
     ("ops", "kernels"),
     ("engine",),
     ("control", "chat", "chat_formats", "templates", "io", "models", "reward", "sampling",
-     "reference", "baselines", "llamacpp", "scorer", "trl_reward", "env", "distributed"),
+     "reference", "baselines", "llamacpp", "scorer", "trl_reward", "env", "distributed",
+     "ray_data"),
     ("evaluation", "mining", "dpo", "feedback", "bench"),
     ("cli",),
 ]  # fmt: skip
