@@ -80,6 +80,8 @@ def scan_jsonl(path: str) -> Iterator[tuple[int, dict | RowError]]:
 
     if not os.path.exists(path):
         raise InputFileError(f"input file {path} does not exist")
+    if os.path.isdir(path):
+        raise InputFileError(f"input {path} is a folder, not a JSONL file")
     n = 0
     try:
         with _open(path) as fh:
@@ -105,7 +107,7 @@ def scan_jsonl(path: str) -> Iterator[tuple[int, dict | RowError]]:
                 yield n, obj
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
         if isinstance(exc, OSError) and not isinstance(exc, gzip.BadGzipFile) and exc.errno:
-            raise  # a real I/O error (permissions, ...), not a corrupt stream
+            raise InputFileError(f"cannot read {path}: {exc.strerror or exc}") from None
         raise InputFileError(
             f"{path}: corrupt or truncated compressed file after line {n} "
             f"({exc.__class__.__name__}: {exc})"
@@ -121,13 +123,14 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
 
 
 def read_rows(
-    path: str, parse, on_error: str = "fail", allow_empty: bool = False, log=None
+    path: str, parse, on_error: str = "fail", allow_empty: bool | None = None, log=None
 ) -> tuple[list, list[RowError]]:
     """Validate a whole JSONL(.gz) file before any compute: ``parse(path, line, obj)`` makes
     each row (raising RowError), and every problem is collected. ``on_error="fail"``: raise
     :class:`RowErrors` listing them all; ``"skip"``: drop those rows, ``log`` each, and
     return them. An empty file (no rows at all) is an :class:`InputFileError` unless
-    ``allow_empty``. Returns ``(rows, skipped_errors)``."""
+    ``allow_empty`` (``None``: the command has no ``--allow-empty`` flag to suggest).
+    Returns ``(rows, skipped_errors)``."""
     if on_error not in ("fail", "skip"):
         raise ConfigError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     rows, errors, seen = [], [], 0
@@ -145,7 +148,8 @@ def read_rows(
         if log is not None:
             log(f"skipping {exc}")
     if seen == 0 and not allow_empty:
-        raise InputFileError(f"{path}: empty: no rows (pass --allow-empty if that is expected)")
+        hint = " (pass --allow-empty if that is expected)" if allow_empty is not None else ""
+        raise InputFileError(f"{path}: empty: no rows{hint}")
     return rows, errors
 
 
@@ -236,6 +240,14 @@ def input_files(*candidates: str | None) -> list[str]:
     return [c for c in candidates if c and os.path.isfile(c)]
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether two existing paths name the same file (hard links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def lock_exclusive(path: str):
     """Hold ``<path>.lock`` exclusively (advisory ``flock``, released when the process
     exits) or raise :class:`OutputBusyError`. No-op where ``fcntl`` is missing (Windows)."""
@@ -253,6 +265,41 @@ def lock_exclusive(path: str):
             "elsewhere"
         ) from None
     return fh
+
+
+def claim_output_folder(out: str, kind: str, out_flag: str = "--out") -> None:
+    """Make ``out`` this tool's output folder for ``kind`` runs (e.g. ``"flr eval"``), or
+    refuse: a path that is a file, a folder that cannot be created, or a non-empty folder
+    that holds no ``kind`` run (it may be the user's; nothing there is changed, whatever
+    ``--overwrite`` says). A run is marked by ``out/.flr-run.json``; a folder with a
+    ``sets/`` subfolder counts as an earlier ``flr eval`` run (written before the marker)."""
+    marker = os.path.join(out, ".flr-run.json")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputConflictError(f"{out_flag} {out} is a file, not a folder: choose a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        entries = [e for e in os.listdir(out) if not e.endswith(".lock")]
+    except OSError as exc:
+        raise OutputConflictError(f"cannot write {out_flag} {out}: {exc}") from None
+    ours = False
+    if os.path.exists(marker):
+        try:
+            with open(marker, encoding="utf-8") as fh:
+                ours = json.load(fh).get("kind") == kind
+        except (OSError, ValueError, AttributeError):
+            ours = False
+    elif kind == "flr eval" and os.path.isdir(os.path.join(out, "sets")):
+        ours = True
+    if entries and not ours:
+        raise OutputConflictError(
+            f"{out_flag} {out} is not empty and holds no {kind} run: choose a new or empty "
+            "folder (nothing there was changed)"
+        )
+    if not os.path.exists(marker):
+        try:
+            atomic_write_text(marker, json.dumps({"kind": kind}))
+        except OSError as exc:
+            raise OutputConflictError(f"cannot write {out_flag} {out}: {exc}") from None
 
 
 class ResumableWriter:
@@ -282,11 +329,21 @@ class ResumableWriter:
         self.out_flag = out_flag
         real = os.path.realpath(path)
         for src in inputs:
-            if os.path.realpath(src) == real:
+            if os.path.realpath(src) == real or _same_file(src, real):
                 raise OutputConflictError(
                     f"{out_flag} {path} is the input file {src}: refusing to overwrite an "
                     f"input; choose another {out_flag}"
                 )
+        if os.path.isdir(real):
+            raise OutputConflictError(f"cannot write {out_flag} {path}: it is a folder; name a file")
+        if os.path.isfile(real) and os.stat(real).st_nlink > 1:
+            # another name for the same bytes (a hard link): the input check and the lock
+            # work by resolved name, so neither could protect it
+            raise OutputConflictError(
+                f"{out_flag} {path} is a file with {os.stat(real).st_nlink} hard links (other "
+                f"names for the same bytes, maybe an input): refusing to write it; choose "
+                f"another {out_flag}"
+            )
         self.meta_path = real + ".meta.json"
         self.done: set[int] = set()
         self.settings = {
@@ -297,7 +354,7 @@ class ResumableWriter:
         try:
             os.makedirs(os.path.dirname(real), exist_ok=True)
             self._lock = lock_exclusive(real)
-        except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+        except OSError as exc:  # permissions, a file where a folder should be, /proc, ...
             raise OutputConflictError(f"cannot write {out_flag} {path}: {exc}") from None
         try:
             if resume and os.path.exists(real) and os.path.getsize(real) > 0:
@@ -307,7 +364,7 @@ class ResumableWriter:
                 open(real, "w").close()
             atomic_write_text(self.meta_path, json.dumps(self.settings, indent=1, sort_keys=True))
             self._fh = open(real, "a", encoding="utf-8")
-        except (PermissionError, IsADirectoryError) as exc:
+        except OSError as exc:
             self._release()
             raise OutputConflictError(f"cannot write {out_flag} {path}: {exc}") from None
         except BaseException:

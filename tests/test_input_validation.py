@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 
+import pytest
 from test_cli import ROWS, read, score, write_rows
 
 GOOD = ROWS[0]
@@ -76,6 +77,16 @@ def test_empty_input_is_an_error_unless_allowed(tmp_path, tiny_model_dir, capsys
     assert "empty: no rows" in capsys.readouterr().err and not out.exists()
     assert score(tiny_model_dir, inp, out, "--allow-empty") == 0
     assert read(out) == []
+
+
+def test_empty_input_suggests_allow_empty_only_where_the_flag_exists(tmp_path):
+    from flr_engine.errors import FLRError
+    from flr_engine.mining import read_prompts
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("")
+    with pytest.raises(FLRError, match="empty: no rows$"):
+        read_prompts(str(inp))  # flr mine / flr generate have no --allow-empty
 
 
 def test_unwritable_output_is_a_message_not_a_traceback(tmp_path, tiny_model_dir, capsys):

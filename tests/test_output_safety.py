@@ -44,6 +44,62 @@ def test_output_that_links_to_the_input_is_refused(job, tiny_model_dir, tmp_path
     assert snapshot(inp) == before and link.is_symlink()
 
 
+def test_output_that_is_a_hard_link_is_refused_even_with_overwrite(job, tiny_model_dir, tmp_path, capsys):
+    """A hard link is the input under another name: the resolved paths differ, the file
+    does not. Also an output another job writes under a second (hard-linked) name."""
+    inp, out = job
+    alias = tmp_path / "alias.jsonl"
+    os.link(inp, alias)
+    before = snapshot(inp)
+    assert score(tiny_model_dir, inp, alias, "--overwrite") == 2
+    assert "is the input file" in capsys.readouterr().err
+    assert snapshot(inp) == before
+    other = tmp_path / "other.jsonl"  # an earlier output, now also reachable as other.jsonl
+    assert score(tiny_model_dir, inp, out) == 0
+    os.link(out, other)
+    before = snapshot(out)
+    for target in (out, other):
+        assert score(tiny_model_dir, inp, target, "--overwrite") == 2
+        assert "hard links" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+def test_unwritable_output_paths_and_folder_input_are_messages(job, tiny_model_dir, tmp_path, capsys):
+    inp, _ = job
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for out in (a_file / "out.jsonl", tmp_path):  # under a regular file; a folder
+        assert score(tiny_model_dir, inp, out) == 2
+        assert "cannot write --output" in capsys.readouterr().err
+    if os.path.isdir("/proc/self"):  # a file system that refuses new files
+        assert score(tiny_model_dir, inp, "/proc/out.jsonl") == 2
+        assert "cannot write --output" in capsys.readouterr().err
+    assert score(tiny_model_dir, tmp_path, tmp_path / "o.jsonl") == 2
+    assert "is a folder, not a JSONL file" in capsys.readouterr().err
+    assert a_file.read_text() == "x"
+
+
+def test_eval_never_writes_into_a_folder_it_did_not_make(tmp_path, tiny_model_dir, capsys):
+    from flr_engine.cli import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    write_rows(pairs, [{"context": q, "chosen": "An answer.", "rejected": "No."} for q in ("Hi?", "Why?")])
+    ev = ["-q", "eval", str(pairs), "--model", str(tiny_model_dir), "--templates", "flr-mixed",
+          "--engine", "reference", "--bootstrap", "20", "--no-figure", "--out"]  # fmt: skip
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text('{"mine": true}')
+    for extra in ([], ["--overwrite"]):
+        assert main([*ev, str(mine), *extra]) == 2
+        assert "holds no flr eval run" in capsys.readouterr().err
+    assert os.listdir(mine) == ["results.json"] and (mine / "results.json").read_text() == '{"mine": true}'
+    assert main([*ev, str(pairs)]) == 2  # --out naming a file
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main([*ev, str(tmp_path / "run")]) == 0
+    assert main([*ev, str(tmp_path / "run")]) == 0  # its own folder: resumed
+    assert main([*ev, str(tmp_path / "run"), "--overwrite"]) == 0
+
+
 def test_existing_foreign_file_is_not_replaced_without_overwrite(job, tiny_model_dir, tmp_path, capsys):
     inp, _ = job
     mine = tmp_path / "my-notes.jsonl"

@@ -55,7 +55,7 @@ from flr_engine.evaluation.report import markdown_report, plot
 from flr_engine.evaluation.results import load_scores, set_paths, sha1_file, texts_hash, write_json
 from flr_engine.evaluation.scoring import replies, score_batch
 from flr_engine.evaluation.set_metrics import pairwise_metrics, rating_metrics, template_polarity
-from flr_engine.io import OutputBusyError, input_files
+from flr_engine.io import OutputBusyError, claim_output_folder, input_files
 from flr_engine.templates import TemplateSet
 
 log = logging.getLogger("flr_engine.eval")
@@ -227,7 +227,7 @@ def run_eval(
             raise ConfigError(
                 f"--calibrate-on {cfg.calibrate_on!r}: calibration needs a pairwise set"
             )
-    os.makedirs(cfg.out, exist_ok=True)
+    claim_output_folder(cfg.out, "flr eval")
     t0 = time.time()
     get_scorer = _Lazy(scorer_factory)
     get_rm = _Lazy(rm_factory) if rm_factory is not None and cfg.reward_model else None
