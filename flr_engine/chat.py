@@ -194,15 +194,24 @@ class ChatRenderer:
         longest = max(followups, key=len)
         context, cut = self._fit(context, reply, longest)
         base = context + [{"role": "assistant", "content": reply}]
-        template = self.render(base + [{"role": "user", "content": _SENTINEL}])
-        if template.count(_SENTINEL) != 1:
-            texts = [self.render(base + [{"role": "user", "content": f}]) for f in followups]
-        else:
-            texts = [template.replace(_SENTINEL, f) for f in followups]
-            direct = self.render(base + [{"role": "user", "content": followups[0]}])
-            if direct != texts[0]:  # the template transforms content: render each directly
-                texts = [self.render(base + [{"role": "user", "content": f}]) for f in followups]
+        texts = self._followup_texts(lambda f: base + [{"role": "user", "content": f}], followups)
         enc = self._encode(texts, self._skeletons(base, followups))
+        return self._sequences(followups, texts, enc, reply, cut)
+
+    def _followup_texts(self, messages_for, followups: Seq[str]) -> list[str]:
+        """The rendered text of ``messages_for(f)`` for each follow-up ``f``: the template
+        rendered once with a sentinel and filled in, unless the template transforms
+        content (then each is rendered on its own)."""
+        template = self.render(messages_for(_SENTINEL))
+        if template.count(_SENTINEL) == 1:
+            texts = [template.replace(_SENTINEL, f) for f in followups]
+            if self.render(messages_for(followups[0])) == texts[0]:
+                return texts
+        return [self.render(messages_for(f)) for f in followups]
+
+    def _sequences(self, followups: Seq[str], texts: list[str], enc, reply: str, cut: int) -> list[ScoredSequence]:
+        """One ScoredSequence per rendered follow-up: its tokens found by character offsets
+        (the last occurrence of the follow-up, then of the reply before it)."""
         out = []
         for f, text, ids, offs in zip(followups, texts, enc["input_ids"], enc["offset_mapping"]):
             fspan = _find_last(text, f)

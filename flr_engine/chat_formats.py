@@ -24,14 +24,11 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 
 from flr_engine.chat import (
-    _SENTINEL,
     ChatRenderer,
     ContextTooLongError,
     InputError,
     Message,
     ScoredSequence,
-    _find_last,
-    _tokens_in,
 )
 
 FORMATS = ("follow-up", "role-swapped")
@@ -98,43 +95,8 @@ class RoleSwappedRenderer(ChatRenderer):
         """One ScoredSequence per follow-up, in order (the role-swapped rendering)."""
         query, cut = self._fit_query(last_query(context), reply, max(followups, key=len))
         ctx = [{"role": "user", "content": query}]
-        template = self.render(role_swapped_messages(ctx, reply, _SENTINEL))
-        texts = None
-        if template.count(_SENTINEL) == 1:
-            texts = [template.replace(_SENTINEL, f) for f in followups]
-            if self.render(role_swapped_messages(ctx, reply, followups[0])) != texts[0]:
-                texts = None  # the template transforms content: render each directly
-        if texts is None:
-            texts = [self.render(role_swapped_messages(ctx, reply, f)) for f in followups]
-        enc = self._encode(texts)
-        out = []
-        for f, text, ids, offs in zip(followups, texts, enc["input_ids"], enc["offset_mapping"]):
-            fspan = _find_last(text, f)
-            if fspan is None:
-                raise InputError(
-                    f"the chat template changed the follow-up text {f!r}: cannot locate it"
-                )
-            targets = _tokens_in(offs, *fspan)
-            if not targets:
-                raise InputError(f"follow-up {f!r} produced no tokens")
-            if self.score_eot and targets[-1] + 1 < len(ids):
-                targets.append(targets[-1] + 1)
-            rspan = _find_last(text, reply, fspan[0])
-            reply_targets = _tokens_in(offs, *rspan) if rspan else []
-            off_ids = self.official_ids(f)
-            logit_pos = max(len(ids) - len(off_ids), 0)
-            needed = max(targets[-1], logit_pos) + 1
-            out.append(
-                ScoredSequence(
-                    ids=list(ids[:needed]),
-                    targets=targets,
-                    logit_pos=logit_pos,
-                    logit_ids=off_ids,
-                    reply_targets=reply_targets,
-                    truncated=cut,
-                )
-            )
-        return out
+        texts = self._followup_texts(lambda f: role_swapped_messages(ctx, reply, f), followups)
+        return self._sequences(followups, texts, self._encode(texts), reply, cut)
 
 
 def make_renderer(
