@@ -8,16 +8,19 @@ For a run of sequences that share a prefix (one conversation + reply, many follo
    ``log_softmax`` and gather.
 
 ``p`` = the longest common token prefix of the run, capped at the first scored token, so
-the result is exact whatever the chat template does at boundaries.
+the result is exact whatever the chat template does at boundaries. It returns the raw
+per-sequence sums and counts of :class:`~flr_engine.engine.backend.ScoringBackend`
+(likelihood only: no "official" logits).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 
-from flr_engine.chat import ScoredSequence
+from flr_engine.engine.protocol import SpanSums, TokenTargets
 from flr_engine.errors import ConfigError
 
 
@@ -45,7 +48,7 @@ class PrefixCacheBackend:
         return next(self.model.parameters()).device
 
     @staticmethod
-    def _groups(seqs: list[ScoredSequence], slack: int = 8) -> list[list[int]]:
+    def _groups(seqs: Sequence[TokenTargets], slack: int = 8) -> list[list[int]]:
         """Consecutive runs of sequences that share everything up to (about) their scored
         part: the same conversation and reply, different follow-ups."""
         groups: list[list[int]] = []
@@ -58,12 +61,11 @@ class PrefixCacheBackend:
             groups.append([i])
         return groups
 
+    def logit_sums(self, seqs) -> SpanSums:
+        raise ConfigError("the prefix-cache baseline implements mode='likelihood' only")
+
     @torch.no_grad()
-    def sequence_scores(
-        self, seqs: list[ScoredSequence], mode: str = "likelihood", reduction: str = "mean"
-    ) -> list[float]:
-        if mode != "likelihood":
-            raise ConfigError("the prefix-cache baseline implements mode='likelihood' only")
+    def logprob_sums(self, seqs: Sequence[TokenTargets]) -> SpanSums:
         out = [0.0] * len(seqs)
         dev = self.device
         for group in self._groups(seqs):
@@ -91,6 +93,5 @@ class PrefixCacheBackend:
                     vals = []
                     for n in s.targets:  # token n predicted from position n - 1
                         vals.append(last[s.ids[n]] if n == p else logp[r, n - 1 - p, s.ids[n]])
-                    v = torch.stack(vals)
-                    out[group[b0 + r]] = (v.mean() if reduction == "mean" else v.sum()).item()
-        return out
+                    out[group[b0 + r]] = torch.stack(vals).double().sum().item()
+        return SpanSums(out, [len(s.targets) for s in seqs])

@@ -142,23 +142,25 @@ def _run_provider(provider: str, scorer, seqs: list, ref_sample: int, token_budg
     """Time one provider on ``seqs``; return its seconds (and scores / token counts)."""
     import torch
 
+    from flr_engine.scorer import sequence_scores
+
     t0 = time.perf_counter()
     if provider == "reference":
         sample = sorted(random.Random(seed).sample(range(len(seqs)), min(ref_sample, len(seqs))))
-        vals = scorer.backend.sequence_scores([seqs[i] for i in sample])
+        vals = sequence_scores(scorer.backend, [seqs[i] for i in sample])
         dt = time.perf_counter() - t0
         return dict(seconds=dt * len(seqs) / len(sample), measured_seconds=dt, sampled=len(sample),
                     scores={str(i): v for i, v in zip(sample, vals)})
     if provider == "limit":
+        from flr_engine.engine.forward import packed_hidden_states
         from flr_engine.engine.packer import pack_sequences
 
         result = pack_sequences([s.ids for s in seqs], token_budget)
-        decoder = scorer.model.get_decoder()
         with torch.no_grad():
             for pack in result.packs:
-                decoder(input_ids=pack.input_ids[None], use_cache=False)
+                packed_hidden_states(scorer.model, pack, tree=False)
         return dict(seconds=time.perf_counter() - t0, unique_tokens=result.num_unique)
-    vals = scorer.backend.sequence_scores(seqs)
+    vals = sequence_scores(scorer.backend, seqs)
     out = dict(seconds=time.perf_counter() - t0, scores={str(i): v for i, v in enumerate(vals)})
     if provider in ("engine", "engine-bf16"):
         out["unique_tokens"] = scorer.backend.last_stats["unique_tokens"]

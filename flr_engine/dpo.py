@@ -22,11 +22,13 @@ How log-probs are computed (``forward``):
 
 * ``"packed"`` (default): the sequences of a micro-batch (chosen and rejected of B pairs) go
   into one token trie (:mod:`flr_engine.engine.packer`): the prompt tokens they share are
-  computed once; tree attention (the block-sparse torch path, differentiable, soft-capping
-  included) gives the final hidden states
-  ``h`` (T, H); only the positions that predict completion tokens go through
-  :func:`~flr_engine.ops.fused_logprob.flr_gathered_logprob` (M, H) -> (M,) with a backward to
-  ``h`` and the LM head: the (tokens, vocab) logits are never built.
+  computed once; the engine's packed forward
+  (:func:`~flr_engine.engine.forward.packed_hidden_states`: tree attention, the block-sparse
+  torch path when a gradient is needed, soft-capping included) gives the final hidden states
+  ``h`` (T, H); only the positions that predict completion tokens go through the fused LM
+  head (:class:`~flr_engine.engine.forward.LMHead`,
+  :func:`~flr_engine.ops.fused_logprob.flr_gathered_logprob`) (M, H) -> (M,) with a backward
+  to ``h`` and the LM head: the (tokens, vocab) logits are never built.
 * ``"padded"``: a right-padded batch (2B, L) through the decoder, then the same fused op.
 * ``"plain"``: plain transformers (the comparison baseline): ``model(...).logits`` (2B, L, V),
   ``log_softmax``, ``gather``.
@@ -313,11 +315,6 @@ def load_pairs(path: str):
 # --------------------------------------------------------------------------------------
 
 
-def _base(model):
-    """The transformers model under a peft wrapper (its LoRA layers stay active)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def completion_logprobs(
     model,
     seqs: list[list[int]],
@@ -334,37 +331,27 @@ def completion_logprobs(
     positions predict targets ``t`` (M,) from hidden states ``h`` (M, H): the hidden state at
     position ``k - 1`` predicts token ``k``.
     """
-    from flr_engine.engine.backend import lm_head_params
-    from flr_engine.ops.fused_logprob import flr_gathered_logprob, segment_sum
+    from flr_engine.engine.forward import LMHead, base_model, packed_hidden_states
+    from flr_engine.ops.fused_logprob import segment_sum
 
     if forward not in FORWARDS:
         raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
     counts = torch.tensor([len(s) - st for s, st in zip(seqs, starts)], dtype=torch.long)
     if min(starts) < 1 or int(counts.min()) < 1:
         raise ValueError("every sequence needs >= 1 prompt token and >= 1 completion token")
-    base = _base(model)
-    w, b, scale, softcap = lm_head_params(base)
-    dev = w.device
+    base = base_model(model)  # peft: the LoRA layers stay active
+    head = LMHead.from_model(base)
+    dev = head.device
     seg = torch.repeat_interleave(torch.arange(len(seqs)), counts).to(dev)  # (M,)
     targets = torch.tensor([t for s, st in zip(seqs, starts) for t in s[st:]], device=dev)
     if forward == "packed":
-        from flr_engine.engine.attention import TreeContext, tree_attention_mode
         from flr_engine.engine.packer import pack_sequences
 
         res = pack_sequences(seqs, token_budget=sum(len(s) for s in seqs))
         pack = res.packs[0]  # one pack: the budget holds every token
         rows = torch.cat([res.nodes_of(i)[st - 1 : len(s) - 1] for i, (s, st) in
                           enumerate(zip(seqs, starts))])  # (M,) packed index  # fmt: skip
-        if attn_impl == "auto" and torch.is_grad_enabled():
-            attn_impl = "torch"  # the differentiable tree-attention path (Triton: forward only)
-        ctx = TreeContext(pack.subtree_end.to(dev), pack.position_ids.to(dev), impl=attn_impl)
-        with tree_attention_mode(base):
-            hidden = base.get_decoder()(
-                input_ids=pack.input_ids.to(dev)[None],
-                position_ids=pack.position_ids.to(dev)[None],
-                use_cache=False,
-                flr_tree=ctx,
-            ).last_hidden_state[0]  # (T, H)
+        hidden = packed_hidden_states(base, pack, attn_impl=attn_impl)  # (T, H)
         h = hidden[rows.to(dev)]  # (M, H)
     else:
         L = max(len(s) for s in seqs)
@@ -386,9 +373,7 @@ def completion_logprobs(
             input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False
         ).last_hidden_state  # (S, L, H)
         h = hs[sidx, pidx]  # (M, H)
-    lp = flr_gathered_logprob(
-        h, w, targets, bias=b, logit_scale=scale, softcap=softcap, impl=logprob_impl
-    )  # (M,) fp32
+    lp = head.logprobs(h, targets, impl=logprob_impl)  # (M,) fp32
     return segment_sum(lp, seg, len(seqs)), counts
 
 

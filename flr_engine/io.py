@@ -342,18 +342,9 @@ class ResumableWriter:
             )
 
     def _load_done(self) -> None:
-        with open(self.path, "rb") as fh:
-            data = fh.read()
-        good = 0
-        for raw in data.splitlines(keepends=True):
-            if not raw.endswith(b"\n"):
-                break  # torn last write
-            try:
-                self.done.add(int(json.loads(raw)["line"]))
-            except (ValueError, KeyError, TypeError):
-                break
-            good += len(raw)
-        if good != len(data):
+        rows, good = _complete_rows(self.path)
+        self.done.update(rows)
+        if good != os.path.getsize(self.path):
             with open(self.path, "r+b") as fh:
                 fh.truncate(good)
 
@@ -386,6 +377,33 @@ class ResumableWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _complete_rows(path: str) -> tuple[dict[int, dict], int]:
+    """The rows of a :class:`ResumableWriter` output up to its first torn or unreadable
+    line, keyed by ``"line"``, and the byte length of that complete part."""
+    rows: dict[int, dict] = {}
+    good = 0
+    with open(path, "rb") as fh:
+        data = fh.read()
+    for raw in data.splitlines(keepends=True):
+        if not raw.endswith(b"\n"):
+            break  # torn last write
+        if raw.strip():
+            try:
+                row = json.loads(raw)
+                rows[int(row["line"])] = row
+            except (ValueError, KeyError, TypeError):
+                break
+        good += len(raw)
+    return rows, good
+
+
+def read_output_rows(path: str) -> dict[int, dict]:
+    """The complete rows of an output written by :class:`ResumableWriter` (``flr score``,
+    ``flr eval``'s per-set files, ...), keyed by input line; a torn last line (a run still
+    writing, or killed) is left out. A missing file has no rows."""
+    return _complete_rows(path)[0] if os.path.exists(path) else {}
 
 
 def _describe(key: str, old: object, new: object) -> str:

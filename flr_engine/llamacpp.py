@@ -3,10 +3,10 @@
 Optional (``pip install -e ".[llamacpp]"``: ``llama-cpp-python``); used by ``flr bench``'s
 ``llamacpp`` and ``llamacpp-naive`` providers. Both take the token ids the transformers
 tokenizer rendered (so every provider scores identical tokens; the GGUF's vocabulary is
-checked against the tokenizer on load) and return what the other backends return: one
-value per :class:`~flr_engine.chat.ScoredSequence`, its mean (or sum) of
-``log p(ids[n] | ids[:n])`` over ``targets`` (``mode="official"``: the mean raw logit
-at ``logit_pos`` over ``logit_ids``).
+checked against the tokenizer on load) and implement the scoring-backend protocol
+(:mod:`flr_engine.engine.protocol`) as the other backends do: ``logprob_sums`` (per sequence
+the sum and count of ``log p(ids[n] | ids[:n])`` over ``targets``) and ``logit_sums`` (the
+raw logits at ``logit_pos`` summed over ``logit_ids``).
 
 * ``LlamaCppBackend`` (provider ``llamacpp``), llama.cpp used at its best through the
   low-level API: consecutive sequences that share a prefix (conversation + reply) form a
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flr_engine.chat import ScoredSequence
+from flr_engine.engine.protocol import LogitTargets, SpanSums, TokenTargets
 from flr_engine.errors import ConfigError, DependencyError, FLRError
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,10 @@ def lcp(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def logit_positions(seq: ScoredSequence, mode: str = "likelihood") -> list[int]:
+def logit_positions(seq: TokenTargets | LogitTargets, official: bool = False) -> list[int]:
     """Positions whose logits the score needs: ``n - 1`` for each scored token ``n``
-    (likelihood), or ``logit_pos`` (official). Sorted, unique."""
-    if mode == "official":
+    (log-probs), or ``logit_pos`` (raw logits, ``official``). Sorted, unique."""
+    if official:
         return [seq.logit_pos]
     return sorted({n - 1 for n in seq.targets})
 
@@ -94,7 +94,8 @@ class Group:
     prefix: int = 0
 
 
-def plan_groups(seqs: Sequence[ScoredSequence], mode: str = "likelihood", slack: int = 8) -> list[Group]:
+def plan_groups(seqs: Sequence[TokenTargets] | Sequence[LogitTargets], official: bool = False,
+                slack: int = 8) -> list[Group]:
     """Group consecutive sequences by shared prefix (conversation + reply, many follow-ups).
 
     A group's prefix is the longest common prefix of its members, capped so that no member
@@ -104,7 +105,7 @@ def plan_groups(seqs: Sequence[ScoredSequence], mode: str = "likelihood", slack:
     """
     groups: list[Group] = []
     for i, s in enumerate(seqs):
-        cap = min(len(s.ids), logit_positions(s, mode)[0] + 1)
+        cap = min(len(s.ids), logit_positions(s, official)[0] + 1)
         if groups:
             g = groups[-1]
             p = min(g.prefix, lcp(seqs[g.members[0]].ids, s.ids), cap)
@@ -309,15 +310,17 @@ class LlamaCppBackend:
                     got[(sid, pos)] = (x[r, list(pick)].astype(np.float64), float(z))
         return got
 
-    def sequence_scores(
-        self, seqs: list[ScoredSequence], mode: str = "likelihood", reduction: str = "mean"
-    ) -> list[float]:
-        if mode not in ("likelihood", "official"):
-            raise ConfigError(f"mode must be 'likelihood' or 'official', got {mode!r}")
+    def logprob_sums(self, seqs: Sequence[TokenTargets]) -> SpanSums:
+        return self._sums(seqs, official=False)
+
+    def logit_sums(self, seqs: Sequence[LogitTargets]) -> SpanSums:
+        return self._sums(seqs, official=True)
+
+    def _sums(self, seqs, official: bool) -> SpanSums:
         lib, mem = self.lib, self.mem
-        out = [0.0] * len(seqs)
+        out = [(0.0, 0)] * len(seqs)
         decoded = 0
-        groups = plan_groups(seqs, mode)
+        groups = plan_groups(seqs, official)
         for g in groups:
             lib.llama_memory_clear(mem, True)
             members = [seqs[i] for i in g.members]
@@ -325,7 +328,7 @@ class LlamaCppBackend:
             longest = max(len(s.ids) for s in members)
             if longest > self.n_ctx:
                 raise ConfigError(f"a sequence of {longest} tokens does not fit n_ctx={self.n_ctx}")
-            picks = [_picks(s, mode) for s in members]  # pos -> token ids read at pos
+            picks = [_picks(s, official) for s in members]  # pos -> token ids read at pos
             # the prefix, once, as sequence 0; logits at its last token if a member needs them
             shared = sorted({t for pk in picks for t in pk.get(p - 1, ())})
             pre = [(0, i, members[0].ids[i], None) for i in range(p)]
@@ -357,26 +360,27 @@ class LlamaCppBackend:
                         else:  # the prefix's last token: its row, shared by the group
                             row, z = last
                             vals[pos] = (row[[shared.index(t) for t in pick]], z)
-                    out[g.members[m]] = _reduce(members[m], vals, mode, reduction)
+                    out[g.members[m]] = _sum(members[m], vals, official)
                     lib.llama_memory_seq_rm(mem, j + 1, -1, -1)
         lib.llama_memory_clear(mem, True)
         self.last_stats = {"decoded_tokens": decoded, "groups": len(groups)}
-        return out
+        return SpanSums([v for v, _ in out], [n for _, n in out])
 
 
-def _picks(seq: ScoredSequence, mode: str) -> dict[int, tuple[int, ...]]:
+def _picks(seq, official: bool) -> dict[int, tuple[int, ...]]:
     """``pos -> token ids`` whose logits the score reads at ``pos``."""
-    if mode == "official":
+    if official:
         return {seq.logit_pos: tuple(seq.logit_ids)}
     return {n - 1: (seq.ids[n],) for n in seq.targets}
 
 
-def _reduce(seq: ScoredSequence, vals: dict, mode: str, reduction: str) -> float:
-    """One sequence's value from ``pos -> (logits[picks] float64, log-sum-exp)``."""
-    if mode == "official":
-        return float(np.mean(vals[seq.logit_pos][0]))
-    lp = np.array([vals[n - 1][0][0] - vals[n - 1][1] for n in seq.targets])
-    return float(lp.mean() if reduction == "mean" else lp.sum())
+def _sum(seq, vals: dict, official: bool) -> tuple[float, int]:
+    """One sequence's (sum, count) from ``pos -> (logits[picks] float64, log-sum-exp)``."""
+    if official:
+        row = vals[seq.logit_pos][0]
+        return float(row.sum()), len(row)
+    lp = [vals[n - 1][0][0] - vals[n - 1][1] for n in seq.targets]
+    return float(np.sum(lp)), len(lp)
 
 
 # --------------------------------------------------------------------------- naive
@@ -408,15 +412,17 @@ class LlamaCppNaiveBackend:
             self.llm.close()
             self.llm = None
 
-    def sequence_scores(
-        self, seqs: list[ScoredSequence], mode: str = "likelihood", reduction: str = "mean"
-    ) -> list[float]:
-        if mode not in ("likelihood", "official"):
-            raise ConfigError(f"mode must be 'likelihood' or 'official', got {mode!r}")
+    def logprob_sums(self, seqs: Sequence[TokenTargets]) -> SpanSums:
+        return self._sums(seqs, official=False)
+
+    def logit_sums(self, seqs: Sequence[LogitTargets]) -> SpanSums:
+        return self._sums(seqs, official=True)
+
+    def _sums(self, seqs, official: bool) -> SpanSums:
         llm = self.llm
-        out = [0.0] * len(seqs)
+        out = [(0.0, 0)] * len(seqs)
         decoded = 0
-        for g in plan_groups(seqs, mode):
+        for g in plan_groups(seqs, official):
             p = g.prefix
             llm.reset()
             llm.eval(seqs[g.members[0]].ids[:p])
@@ -428,14 +434,14 @@ class LlamaCppNaiveBackend:
                 llm.n_tokens = p  # rewind to the prefix
                 llm.eval(s.ids[p:])
                 decoded += len(s.ids) - p
-                picks = _picks(s, mode)
+                picks = _picks(s, official)
                 pos = list(picks)
                 x = np.asarray(llm.scores[pos], dtype=np.float32)  # (R, V) all-position logits
                 vals = {q: (row[list(picks[q])].astype(np.float64), float(z))
                         for q, row, z in zip(pos, x, logsumexp_rows(x))}
-                out[i] = _reduce(s, vals, mode, reduction)
+                out[i] = _sum(s, vals, official)
         self.last_stats = {"decoded_tokens": decoded}
-        return out
+        return SpanSums([v for v, _ in out], [n for _, n in out])
 
 
 def make_llamacpp_backend(provider: str, gguf_path, tokenizer=None, **kwargs):

@@ -38,8 +38,9 @@ from dataclasses import asdict, dataclass, field
 
 from flr_engine.chat import InputError, normalize_conversation
 from flr_engine.control import control_tokens
+from flr_engine.distributed import Ranks, ShardedOutput, chunks
 from flr_engine.errors import ConfigError
-from flr_engine.io import ResumableWriter, RowError, check_id, read_rows
+from flr_engine.io import RowError, check_id, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -334,35 +335,37 @@ def mine(
     resume: bool = True,
     progress: bool = True,
     inputs: Sequence[str] = (),
+    ranks: Ranks | None = None,
 ) -> MineStats:
     """Mine every prompt not yet in ``out_path`` (or its ``.skipped.jsonl`` sidecar); rows are
     streamed to disk as they are made. ``settings`` and the content of the ``inputs`` files
-    are checked against a previous run's."""
+    are checked against a previous run's. Under a launcher (``ranks``) each rank mines every
+    ``world``-th chunk into its own shard (see :mod:`flr_engine.distributed`)."""
     from tqdm import tqdm
 
-    stats = MineStats(prompts=len(prompts))
+    ranks = ranks or Ranks()
+    mine_chunks = ranks.take(chunks(prompts, miner.config.batch_prompts))
+    stats = MineStats(prompts=sum(len(c) for c in mine_chunks))
     skipped_path = out_path + ".skipped.jsonl"
+    kw = dict(resume=resume, out_flag="--out", inputs=inputs)
     with (
-        ResumableWriter(out_path, settings, resume=resume, out_flag="--out", inputs=inputs) as out,
-        ResumableWriter(
-            skipped_path, settings, resume=resume, out_flag="--out", inputs=inputs
-        ) as skipped,
+        ShardedOutput(out_path, settings, ranks, **kw) as out,
+        ShardedOutput(skipped_path, settings, ranks, **kw) as skipped,
     ):
         done = out.done | skipped.done
-        todo = [p for p in prompts if p.line not in done]
-        stats.done_before = len(prompts) - len(todo)
+        stats.done_before = sum(p.line in done for c in mine_chunks for p in c)
         if stats.done_before:
-            log.info("resuming: %d of %d prompts already done", stats.done_before, len(prompts))
+            log.info("%sresuming: %d of %d prompts already done", ranks.tag, stats.done_before,
+                     stats.prompts)  # fmt: skip
         t0 = time.time()
         bar = tqdm(
-            total=len(prompts), initial=stats.done_before, unit="prompt", desc="flr mine",
-            disable=not progress,
+            total=stats.prompts, initial=stats.done_before, unit="prompt",
+            desc=f"{ranks.tag}flr mine", disable=not progress or not ranks.is_main,
         )  # fmt: skip
-        size = miner.config.batch_prompts
-        for start in range(0, len(prompts), size):
-            # chunks are fixed by input position, so a resumed run samples each prompt in the
-            # same batch as an uninterrupted one; finished prompts of a chunk are not rewritten
-            chunk = prompts[start : start + size]
+        for chunk in mine_chunks:
+            # chunks are fixed by input position, so a resumed run (or one on any number of
+            # ranks) samples each prompt in the same batch as an uninterrupted one; finished
+            # prompts of a chunk are not rewritten
             if all(p.line in done for p in chunk):
                 continue
             samples = miner.sample_many(chunk)

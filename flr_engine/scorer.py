@@ -5,8 +5,16 @@
     >>> res[0].reward, res[0].per_dimension["relevance"]
 
 The scorer renders each (conversation, reply, follow-up), hands all sequences to a backend
-("engine": the packed prefix-tree engine; "reference": one forward per sequence) and
-aggregates per-template scores into :class:`~flr_engine.reward.ScoreResult`.
+("engine": the packed prefix-tree engine; "reference": one forward per sequence;
+"hf-prefix-cache": the plain-transformers baseline), which returns raw per-sequence sums and
+token counts (:mod:`flr_engine.engine.protocol`), and decides everything above them here::
+
+    likelihood, mean:  lp(f) = sum_{n in targets} log p(ids[n] | ids[:n]) / len(targets)
+    likelihood, sum:   lp(f) = sum_{n in targets} log p(ids[n] | ids[:n])
+    official:          lp(f) = sum_k logits[logit_pos, logit_ids[k]] / len(logit_ids)
+    Direct:            sum_{n in reply} log p(ids[n] | ids[:n]) / len(reply)     (always a mean)
+
+then aggregates per-template scores into :class:`~flr_engine.reward.ScoreResult`.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ from dataclasses import dataclass
 
 from flr_engine.chat import ScoredSequence, normalize_conversation, normalize_reply
 from flr_engine.chat_formats import DEFAULT_FORMAT, make_renderer
+from flr_engine.engine.protocol import SpanSums, TokenTargets
 from flr_engine.errors import ConfigError, InputError
-from flr_engine.reward import RewardConfig, ScoreResult, aggregate
+from flr_engine.reward import MODES, REDUCTIONS, RewardConfig, ScoreResult, aggregate
 from flr_engine.templates import DEFAULT, TemplateSet, load_templates
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,31 @@ def make_backend(model, engine: str = "auto", **engine_kwargs):
     from flr_engine.reference import ReferenceBackend
 
     return ReferenceBackend(model)
+
+
+def _means(raw: SpanSums) -> list[float]:
+    """``sums / counts`` per sequence (NaN without scored tokens)."""
+    return [s / n if n else math.nan for s, n in zip(raw.sums, raw.counts)]
+
+
+def _raw(backend, seqs: Sequence, mode: str) -> SpanSums:
+    """One backend call: raw logits (official) or log-probs (likelihood), summed."""
+    return backend.logit_sums(seqs) if mode == "official" else backend.logprob_sums(seqs)
+
+
+def _reduce(raw: SpanSums, mode: str, reduction: str) -> list[float]:
+    return list(raw.sums) if mode == "likelihood" and reduction == "sum" else _means(raw)
+
+
+def sequence_scores(
+    backend, seqs: Sequence, mode: str = "likelihood", reduction: str = "mean"
+) -> list[float]:
+    """Each sequence's ``lp(f)`` (the module docstring's formulas) from one backend call
+    (``seqs``: :class:`~flr_engine.chat.ScoredSequence` or the protocol's types)."""
+    if mode not in MODES or reduction not in REDUCTIONS:
+        raise ConfigError(f"mode must be one of {MODES} and reduction one of {REDUCTIONS}, "
+                          f"got {mode!r}, {reduction!r}")  # fmt: skip
+    return _reduce(_raw(backend, seqs, mode), mode, reduction)
 
 
 class FLRScorer:
@@ -162,20 +196,21 @@ class FLRScorer:
         """
         texts = self.templates.unique_texts
         mode, reduction = self.config.mode, self.config.reduction
-        seqs: list[ScoredSequence] = []  # the main call: follow-ups (+ Direct in likelihood mode)
-        extra: list[ScoredSequence] = []  # Direct sequences for a second call (official mode)
+        seqs: list = []  # the main call: follow-ups (+ Direct in likelihood mode)
+        extra: list[TokenTargets] = []  # Direct sequences for a second call (official mode)
         first: list[int] = []  # index in ``seqs`` of each pair's first follow-up
-        where: list[tuple[list, int] | None] = []  # (call, index) of each pair's Direct
+        where: list[int | None] = []  # index of each pair's Direct in its call
         for p in prepared:
             first.append(len(seqs))
             seqs += p.sequences
             d = _direct_sequence(p.sequences[0]) if direct else None
             call = seqs if mode == "likelihood" else extra
-            where.append(None if d is None else (call, len(call)))
+            where.append(None if d is None else len(call))
             if d is not None:
                 call.append(d)
-        values = self.backend.sequence_scores(seqs, mode, reduction)
-        extra_values = self.backend.sequence_scores(extra, "likelihood", "mean") if extra else []
+        raw = _raw(self.backend, seqs, mode)
+        values = _reduce(raw, mode, reduction)
+        direct_raw = self.backend.logprob_sums(extra) if mode == "official" and extra else raw
         results = []
         for p, i in zip(prepared, first):
             if mode == "official":
@@ -186,16 +221,8 @@ class FLRScorer:
             results.append(aggregate(self.templates, scores, ntok, mode, p.sequences[0].truncated))
         if not direct:
             return results, None
-        direct_values = []
-        for p, w in zip(prepared, where):
-            if w is None:
-                direct_values.append(math.nan)
-            elif w[0] is extra:
-                direct_values.append(extra_values[w[1]])
-            else:  # reduced with the FLR reduction; Direct is a mean
-                v = values[w[1]]
-                direct_values.append(v / len(p.sequences[0].reply_targets) if reduction == "sum" else v)
-        return results, direct_values
+        means = _means(direct_raw)  # Direct is a mean whatever the FLR reduction
+        return results, [math.nan if w is None else means[w] for w in where]
 
     def _score_pairs(self, pairs: Iterable[tuple[list, str]]) -> list[ScoreResult]:
         texts = self.templates.unique_texts
@@ -204,13 +231,11 @@ class FLRScorer:
         )
 
 
-def _direct_sequence(seq: ScoredSequence) -> ScoredSequence | None:
+def _direct_sequence(seq: ScoredSequence) -> TokenTargets | None:
     """``seq`` scored on its reply tokens (the Direct baseline), or None without any."""
     if not seq.reply_targets:
         return None
-    return ScoredSequence(
-        ids=seq.ids, targets=seq.reply_targets, logit_pos=0, logit_ids=[], reply_targets=seq.reply_targets
-    )
+    return TokenTargets(ids=seq.ids, targets=seq.reply_targets)
 
 
 @dataclass

@@ -21,6 +21,9 @@ BLOCK_V)`` flop/byte: 64 at 128 x 128 vs 43 at the old 64 x 128 (85 at 128 x 256
 sweeps both). Programs are ordered in groups of ``GROUP_N`` row blocks
 (all splits of a group before the next group), so the hidden rows in flight stay L2-resident.
 
+With shared rows (``flr_gathered_logprob(..., rows=)``) the op launches the kernel with every
+target = ``ignore_index``: only ``lse`` per row is used, the target logits are row-wise dots.
+
 The kernel runs on CUDA tensors, or on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before triton is first imported). Importing this module never
 fails for want of triton; :func:`fused_logprob_forward` raises a clear ImportError instead.

@@ -21,12 +21,12 @@ import os
 import numpy as np
 from scipy.stats import spearmanr
 
-from flr_engine.evaluation.run import _read_rows
+from flr_engine.io import read_output_rows
 
 
 def read_rows(path: str) -> dict[int, dict]:
     """The scored rows of an eval rows file (a torn last line of a running eval is skipped)."""
-    return {n: r for n, r in _read_rows(path).items() if "error" not in r}
+    return {n: r for n, r in read_output_rows(path).items() if "error" not in r}
 
 
 def compare_set(a: dict[int, dict], b: dict[int, dict]) -> dict:

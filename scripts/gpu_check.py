@@ -590,6 +590,7 @@ def stage_engine(out: Path, dry: bool) -> bool:
     from flr_engine.ops import fused_logprob as fl
     from flr_engine.ops import tree_attention as ta
     from flr_engine.reference import ReferenceBackend
+    from flr_engine.scorer import sequence_scores
 
     # the dry run drives the Triton kernels (interpreted) through the engine explicitly
     impl = "triton" if dry else "auto"
@@ -603,11 +604,11 @@ def stage_engine(out: Path, dry: bool) -> bool:
             ("reference", ReferenceBackend(model)),
             ("engine", EngineBackend(model, token_budget=8192, attn_impl=impl, logprob_impl=impl)),
         ):
-            backend.sequence_scores(seqs[:2])  # warm-up (kernel compilation)
+            sequence_scores(backend, seqs[:2])  # warm-up (kernel compilation)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            scores = backend.sequence_scores(seqs)
+            scores = sequence_scores(backend, seqs)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             results[(name, dtype)] = (scores, rewards(scores, groups), time.perf_counter() - t0)

@@ -231,11 +231,11 @@ def test_dpo_bad_pair_row_names_file_line_field(tmp_path, tiny_model_dir, capsys
 
 def test_other_exceptions_keep_their_traceback(monkeypatch):
     """A ValueError that is not the project's own is a bug: main does not swallow it."""
-    import flr_engine.cli as cli
+    import flr_engine.cli.env as env_cli
 
     def bug(args):
         raise ValueError("internal bug")
 
-    monkeypatch.setattr(cli, "cmd_env", bug)
+    monkeypatch.setattr(env_cli, "cmd_env", bug)
     with pytest.raises(ValueError, match="internal bug"):
         main(["env"])

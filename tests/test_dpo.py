@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from flr_engine.cli import main
 from flr_engine.dpo import (
     DPOConfig,
     EncodedPair,
@@ -19,7 +20,6 @@ from flr_engine.dpo import (
     make_plan,
     train_dpo,
 )
-from flr_engine.training_cli import main
 
 PAIRS = [
     ("What is the capital of France?", "The capital of France is Paris.", "I like turtles."),

@@ -5,13 +5,21 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import threading
 
 import pytest
 import torch
 from tiny import make_model, make_tokenizer
 
 from flr_engine import FLRScorer
-from flr_engine.engine.backend import scored_logprobs
+from flr_engine.engine.attention import (
+    ATTN_NAME,
+    packed_forward,
+    route_tree_attention,
+    unroute_tree_attention,
+)
+from flr_engine.engine.backend import EngineBackend
+from flr_engine.engine.forward import LMHead
 from flr_engine.templates import Dimension, TemplateSet
 
 CONVS = [
@@ -139,9 +147,10 @@ def test_prefix_cache_baseline_equals_reference(arch, family):
 
 
 @pytest.mark.parametrize("bias, scale, softcap", [(False, 1.0, None), (True, 0.25, None), (True, 1.5, 3.0)])
-def test_scored_logprobs_share_parent_normalisers(bias, scale, softcap):
-    """One softmax pass per unique parent, row-wise target logits: equals a full
-    log_softmax of every scored node's parent, with the head's bias / scale / softcap."""
+def test_lm_head_rows_share_parent_normalisers(bias, scale, softcap):
+    """What the engine does per pack: one softmax pass per unique parent, gathered per
+    scored node; equals a full log_softmax of every scored node's parent, with the head's
+    bias / scale / softcap."""
     g = torch.Generator().manual_seed(0)
     V, H = 300, 16
     w = torch.randn(V, H, generator=g)
@@ -154,9 +163,105 @@ def test_scored_logprobs_share_parent_normalisers(bias, scale, softcap):
     if softcap:
         z = softcap * torch.tanh(z / softcap)
     want = torch.log_softmax(z.double(), -1).gather(1, ids[:, None])[:, 0]
-    got, _ = scored_logprobs((w, b, scale, softcap), h, parent, ids)
+    uniq, row_of = torch.unique(parent, return_inverse=True)
+    head = LMHead(w, b, scale, softcap)
+    got = head.logprobs(h[uniq], ids, rows=row_of)
     assert got.dtype == torch.float32 and got.shape == (10,)
     assert torch.allclose(got.double(), want, atol=1e-5)
+    raw = head.logits(h[uniq], ids, rows=row_of)  # the official mode's raw logits
+    assert torch.allclose(raw.double(), z.double().gather(1, ids[:, None])[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [a for a, _ in ARCH_FAMILY])
+def test_lm_head_from_model_reproduces_the_logits(arch):
+    """LMHead.from_model reads weight / bias / scale / softcap (Gemma 2: final softcap)."""
+    model = make_model(arch, vocab_size=301)
+    ids = torch.randint(0, 301, (1, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()  # (L, V)
+        h = model.get_decoder()(input_ids=ids).last_hidden_state[0]  # (L, H)
+    head = LMHead.from_model(model)
+    assert (head.softcap is not None) == (arch == "gemma2")
+    targets = ids[0].roll(-1)
+    want = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+    with torch.no_grad():
+        torch.testing.assert_close(head.logprobs(h, targets), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(head.logits(h, targets), logits.gather(1, targets[:, None])[:, 0])
+
+
+def test_lm_head_refuses_unmerged_lora_on_the_head():
+    peft = pytest.importorskip("peft")
+    model = make_model("llama", vocab_size=301)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
+    with pytest.raises(ValueError, match="unmerged LoRA adapters"):
+        LMHead.from_model(lora)
+    with lora.disable_adapter():  # the base head is the model's head then
+        assert LMHead.from_model(lora).weight is model.lm_head.base_layer.weight
+
+
+@pytest.mark.parametrize("arch", [a for a, _ in ARCH_FAMILY])
+def test_routing_leaves_other_forwards_unchanged(arch):
+    """The engine routes attention once, when built; plain forwards (eager Gemma 2
+    included: the modeling file's own eager function) give the same logits, and the
+    names come back on unrouting."""
+    model = make_model(arch, vocab_size=301)
+    ids = torch.randint(0, 301, (2, 13), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding: the native mask function must still run
+    native = model.config._attn_implementation
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        EngineBackend(model)
+        assert model.config._attn_implementation == f"{ATTN_NAME}:{native}"
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before, after)
+    route_tree_attention(model)  # idempotent
+    assert model.config._attn_implementation == f"{ATTN_NAME}:{native}"
+    unroute_tree_attention(model)
+    assert model.config._attn_implementation == native
+
+
+def test_packed_forward_builds_no_mask_and_refuses_a_missing_layout():
+    model = make_model("llama", vocab_size=301)
+    route_tree_attention(model)
+    ids = torch.randint(0, 301, (1, 9))
+    with torch.no_grad(), packed_forward(), pytest.raises(RuntimeError, match="no flr_tree layout"):
+        model(input_ids=ids)  # a packed forward must carry its layout to every layer
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    name = model.config._attn_implementation
+    kw = dict(batch_size=1, q_length=4, kv_length=4, allow_is_causal_skip=False)
+    assert ALL_MASK_ATTENTION_FUNCTIONS[name](**kw) is not None
+    with packed_forward():
+        assert ALL_MASK_ATTENTION_FUNCTIONS[name](**kw) is None
+
+
+def test_engine_and_plain_forwards_on_two_threads():
+    """Nothing is switched around a forward: the engine scoring on one thread while the
+    reference runs the same model on another gives each its sequential result."""
+    tok = make_tokenizer("llama3")
+    model = make_model("gemma3", vocab_size=len(tok))
+    eng = FLRScorer(model, tok, templates="flr-mixed", engine="engine", engine_kwargs={"token_budget": 300})
+    ref = FLRScorer(model, tok, templates="flr-mixed", engine="reference")
+    want_eng, want_ref = eng.score(CONVS, REPLIES), ref.score(CONVS, REPLIES)
+    got, errors = {}, []
+
+    def run(name, scorer):
+        try:
+            got[name] = [scorer.score(CONVS, REPLIES) for _ in range(2)]
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=a) for a in (("eng", eng), ("ref", ref))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for res in got["eng"]:
+        assert_same(want_eng, res, atol=1e-6)
+    for res in got["ref"]:
+        assert_same(want_ref, res, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------- GPU

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from flr_engine.evaluation import cli as eval_cli
-from flr_engine.evaluation.cli import main
+from flr_engine.cli import evaluate as eval_cli
+from flr_engine.cli import main
 
 Q = [
     "What is the capital of France?",
@@ -137,7 +137,7 @@ def test_rerun_reuses_finished_sets_without_loading_a_model(first, tiny_model_di
     def boom(args):
         raise AssertionError("the model must not be loaded for finished sets")
 
-    monkeypatch.setattr(eval_cli, "_scorer_from_args", boom)
+    monkeypatch.setattr(eval_cli, "scorer_from_args", boom)
     assert run(tiny_model_dir, out, first["data"]) == 0
     text = capsys.readouterr().out
     assert "reused finished results for: pairs, ratings, ties" in text
@@ -222,7 +222,7 @@ def test_calibration_reports_only_other_sets(tiny_model_dir, tmp_path, capsys):
 
 
 def test_bad_rows_fail_before_any_model_load(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(eval_cli, "_scorer_from_args", lambda a: 1 / 0)
+    monkeypatch.setattr(eval_cli, "scorer_from_args", lambda a: 1 / 0)
     p = write(tmp_path / "x.jsonl", [PAIRS[0], {"context": "hi", "chosen": "a"}])
     assert main(["-q", "eval", p, "--out", str(tmp_path / "o"), "--on-error", "fail"]) == 2
     assert "x.jsonl:2: field 'rejected': missing" in capsys.readouterr().err
@@ -271,32 +271,9 @@ def test_data_option_and_default_out(first, tiny_model_dir, tmp_path, monkeypatc
     assert "no inputs" in capsys.readouterr().err
 
 
-def test_workers_score_the_same_rows_as_one_process(first, tiny_model_dir, tmp_path):
-    """--workers 2 (two spawned processes) writes the same per-row scores and the same
-    metrics as the single-process run."""
-    out = tmp_path / "w"
-    pairs = first["data"] / "pairs.jsonl"
-    assert run(tiny_model_dir, out, pairs, extra=["--workers", "2", "--batch-size", "1"]) == 0
-
-    def rows(o):
-        return {r["line"]: r for r in map(json.loads, open(o / "sets" / "pairs.rows.jsonl"))}
-
-    mine, theirs = rows(out), rows(first["out"])
-    assert sorted(mine) == sorted(theirs) and len(mine) == 3
-    for line, r in mine.items():
-        for side in ("chosen", "rejected"):
-            a, b = r[side], theirs[line][side]
-            assert a["reward"] == pytest.approx(b["reward"], abs=1e-5)
-            assert a["direct"] == pytest.approx(b["direct"], abs=1e-5)
-            assert a["lp"] == pytest.approx(b["lp"], abs=1e-5)
-    res = json.load(open(out / "results.json"))
-    assert res["settings"]["workers"] == 2 and res["settings"]["engine"] == "reference"
-    ref = json.load(open(first["out"] / "results.json"))["sets"]["pairs"]["methods"]
-    assert res["sets"]["pairs"]["methods"]["flr"] == ref["flr"]
-
-
 def test_row_errors_survive_pickling():
-    """A worker's RowError / InputError reaches the parent with its file, line and field."""
+    """A rank's RowError / InputError reaches the others (torch.distributed pickles it) with
+    its file, line and field."""
     import pickle
 
     from flr_engine.chat import InputError
@@ -354,12 +331,8 @@ def test_length_controlled_accuracy(first):
     """Accuracy on the pairs whose replies differ in length by < 20% of the longer one."""
     import numpy as np
 
-    from flr_engine.evaluation.run import (
-        EvalConfig,
-        SetScores,
-        _pairwise_metrics,
-        length_controlled,
-    )
+    from flr_engine.evaluation.results import SetScores
+    from flr_engine.evaluation.set_metrics import length_controlled, pairwise_metrics
 
     assert length_controlled([100, 100, 10], [81, 80, 10]).tolist() == [True, False, True]
     la, lb = np.array([100.0, 100, 50, 50, 10]), np.array([85.0, 40, 45, 20, 11])
@@ -369,7 +342,7 @@ def test_length_controlled_accuracy(first):
         a={"flr": flr_a, "length": la}, b={"flr": flr_b, "length": lb},
         dims_a={}, dims_b={}, lp_a=np.zeros((5, 0)), lp_b=np.zeros((5, 0)), y=None,
     )  # fmt: skip
-    m = _pairwise_metrics(s, EvalConfig(out="x", scoring={}, n_boot=20), [])
+    m = pairwise_metrics(s, [], n_boot=20)
     assert m["n_lc"] == 3  # pairs 0, 2, 4
     assert m["methods"]["flr"]["accuracy_lc"]["value"] == pytest.approx(1 / 3)  # right on 0 only
     assert m["methods"]["flr"]["accuracy"]["value"] == pytest.approx(2 / 5)

@@ -23,6 +23,7 @@ from flr_engine.llamacpp import (
     logit_positions,
     plan_groups,
 )
+from flr_engine.scorer import sequence_scores
 
 
 def _seq(ids, targets, logit_pos=0, logit_ids=(5,)):
@@ -36,8 +37,8 @@ def _seq(ids, targets, logit_pos=0, logit_ids=(5,)):
 def test_logits_only_where_the_next_token_is_scored():
     s = _seq([1, 2, 3, 4, 5, 6], [3, 4, 5], logit_pos=2, logit_ids=[7, 8])
     assert logit_positions(s) == [2, 3, 4]
-    assert _picks(s, "likelihood") == {2: (4,), 3: (5,), 4: (6,)}
-    assert logit_positions(s, "official") == [2] and _picks(s, "official") == {2: (7, 8)}
+    assert _picks(s, False) == {2: (4,), 3: (5,), 4: (6,)}
+    assert logit_positions(s, official=True) == [2] and _picks(s, True) == {2: (7, 8)}
 
 
 def test_groups_share_the_longest_common_prefix_up_to_the_first_scored_token():
@@ -168,7 +169,7 @@ def _reference(default_model_dir, seqs, mode="likelihood", reduction="mean"):
     from flr_engine.models import load
     from flr_engine.reference import ReferenceBackend
 
-    return ReferenceBackend(load(str(default_model_dir)).model).sequence_scores(seqs, mode, reduction)
+    return sequence_scores(ReferenceBackend(load(str(default_model_dir)).model), seqs, mode, reduction)
 
 
 @pytest.mark.slow
@@ -179,13 +180,13 @@ def test_grouped_batches_equal_each_sequence_alone(f32_gguf, sequences, reductio
     from flr_engine.llamacpp import LlamaCppBackend
 
     b = LlamaCppBackend(f32_gguf, n_seq_max=3, n_batch=32, n_ubatch=32, kv_f32=True)
-    grouped = b.sequence_scores(sequences, reduction=reduction)
+    grouped = sequence_scores(b, sequences, reduction=reduction)
     # pair 1's follow-ups | its Direct + pair 2 (same conversation, the prefix ends at the
     # reply) | pair 3's follow-ups | its Direct
     assert b.last_stats["groups"] == 4
-    alone = [b.sequence_scores([s], reduction=reduction)[0] for s in sequences]
+    alone = [sequence_scores(b, [s], reduction=reduction)[0] for s in sequences]
     assert grouped == pytest.approx(alone, abs=1e-5)
-    wide = LlamaCppBackend(f32_gguf, kv_f32=True).sequence_scores(sequences, reduction=reduction)
+    wide = sequence_scores(LlamaCppBackend(f32_gguf, kv_f32=True), sequences, reduction=reduction)
     assert wide == pytest.approx(alone, abs=1e-5)
 
 
@@ -196,9 +197,9 @@ def test_batched_equals_naive_on_the_same_gguf(f32_gguf, sequences, default_toke
     batched = LlamaCppBackend(f32_gguf, default_tokenizer, kv_f32=True)
     naive = LlamaCppNaiveBackend(f32_gguf, default_tokenizer, kv_f32=True)
     official = [s for s in sequences if s.logit_ids]  # not the Direct ones
-    assert batched.sequence_scores(sequences) == pytest.approx(naive.sequence_scores(sequences), abs=1e-4)
-    assert batched.sequence_scores(official, "official") == pytest.approx(
-        naive.sequence_scores(official, "official"), abs=1e-4)
+    assert sequence_scores(batched, sequences) == pytest.approx(sequence_scores(naive, sequences), abs=1e-4)
+    assert sequence_scores(batched, official, "official") == pytest.approx(
+        sequence_scores(naive, official, "official"), abs=1e-4)
     naive.close()
 
 
@@ -209,9 +210,9 @@ def test_f32_gguf_equals_the_reference(f32_gguf, sequences, default_model_dir, d
     from flr_engine.llamacpp import LlamaCppBackend
 
     b = LlamaCppBackend(f32_gguf, default_tokenizer, kv_f32=True)
-    assert b.sequence_scores(sequences) == pytest.approx(_reference(default_model_dir, sequences), abs=1e-4)
+    assert sequence_scores(b, sequences) == pytest.approx(_reference(default_model_dir, sequences), abs=1e-4)
     official = [s for s in sequences if s.logit_ids]  # raw logits, not log-probs
-    assert b.sequence_scores(official, "official") == pytest.approx(
+    assert sequence_scores(b, official, "official") == pytest.approx(
         _reference(default_model_dir, official, "official"), abs=1e-3)
 
 
@@ -222,7 +223,7 @@ def test_q4_gguf_within_its_tolerance(q4_gguf, sequences, default_model_dir, def
 
     ref = _reference(default_model_dir, sequences)
     for backend in (LlamaCppBackend(q4_gguf, default_tokenizer), LlamaCppNaiveBackend(q4_gguf, default_tokenizer)):
-        assert backend.sequence_scores(sequences) == pytest.approx(ref, abs=bench.TOLERANCES["llamacpp"])
+        assert sequence_scores(backend, sequences) == pytest.approx(ref, abs=bench.TOLERANCES["llamacpp"])
         backend.close()
 
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from flr_engine.cli import main
 from flr_engine.io import RowError
 from flr_engine.mining import (
     MineConfig,
@@ -15,7 +16,6 @@ from flr_engine.mining import (
     prompt_seed,
     read_prompts,
 )
-from flr_engine.training_cli import main
 
 PROMPTS = [
     {"prompt": "What is the capital of France?"},

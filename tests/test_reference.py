@@ -13,6 +13,7 @@ from tiny import make_model, make_tokenizer
 
 from flr_engine.chat import ChatRenderer
 from flr_engine.reference import ReferenceBackend
+from flr_engine.scorer import sequence_scores
 from flr_engine.templates import load_templates
 
 CONV = [{"role": "user", "content": "How do I bake bread?"}]
@@ -26,8 +27,10 @@ def test_likelihood_matches_hf_loss(family, arch):
     followups = load_templates("flr-mixed").unique_texts[:6]
     seqs = ChatRenderer(tok).build(CONV, REPLY, followups)
     ref = ReferenceBackend(model)
-    means = ref.sequence_scores(seqs, "likelihood", "mean")
-    sums = ref.sequence_scores(seqs, "likelihood", "sum")
+    means = sequence_scores(ref, seqs, "likelihood", "mean")
+    sums = sequence_scores(ref, seqs, "likelihood", "sum")
+    raw = ref.logprob_sums(seqs)  # the backend protocol: raw sums and token counts
+    assert raw.sums == pytest.approx(sums, abs=0) and raw.counts == [len(s.targets) for s in seqs]
     for s, m, sm in zip(seqs, means, sums):
         ids = torch.tensor([s.ids])
         labels = torch.full_like(ids, -100)
@@ -43,7 +46,7 @@ def test_official_matches_released_code_transcription():
     model = make_model("llama", vocab_size=len(tok))
     followups = load_templates("flr-helpfulness").dimensions[1].positive[:4]
     seqs = ChatRenderer(tok).build(CONV, REPLY, list(followups))
-    got = ReferenceBackend(model).sequence_scores(seqs, "official")
+    got = sequence_scores(ReferenceBackend(model), seqs, "official")
     for f, g in zip(followups, got):
         # --- the released scorer, transcribed ---
         feedback_ids = tok(f, return_tensors="pt").input_ids

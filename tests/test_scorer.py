@@ -118,14 +118,20 @@ def test_direct_baseline_from_the_same_call(tiny, engine, mode, reduction):
     model, tok = tiny
     scorer = FLRScorer(model, tok, templates="flr-mixed", engine=engine, mode=mode, reduction=reduction)
     calls = []
-    real = scorer.backend.sequence_scores
-    scorer.backend.sequence_scores = lambda seqs, *a: calls.append(len(seqs)) or real(seqs, *a)
+    for method in ("logprob_sums", "logit_sums"):
+        real = getattr(scorer.backend, method)
+        setattr(scorer.backend, method,
+                lambda seqs, real=real, m=method: calls.append((m, len(seqs))) or real(seqs))  # fmt: skip
     prepared = [scorer.prepare(c, r) for c, r in zip(CONVS, REPLIES)]
     results, direct = scorer.score_prepared_with_direct(prepared)
     stats = dict(getattr(scorer.backend, "last_stats", {}))
     k = len(scorer.templates.unique_texts)
-    # likelihood: one backend call holding the follow-ups and one Direct sequence per pair
-    assert calls == ([2 * k + 2] if mode == "likelihood" else [2 * k, 2])
+    # likelihood: one backend call holding the follow-ups and one Direct sequence per pair;
+    # official: the follow-ups' logits, then the Direct log-probs
+    if mode == "likelihood":
+        assert calls == [("logprob_sums", 2 * k + 2)]
+    else:
+        assert calls == [("logit_sums", 2 * k), ("logprob_sums", 2)]
     for conv, reply, d in zip(CONVS, REPLIES, direct):
         assert d == pytest.approx(independent_direct(model, tok, conv, reply), abs=1e-5)
     plain = scorer.score_prepared(prepared)

@@ -1,10 +1,21 @@
 """Tree attention inside Hugging Face models, through transformers' attention registry.
 
-The engine registers one attention function, ``"flr_tree"``, and switches a model to it
-only for the duration of a packed forward (:func:`tree_attention_mode`), so the same
-model object still generates and trains with its usual attention elsewhere. The packed
-layout travels to every layer as the ``flr_tree`` keyword argument (a :class:`TreeContext`),
-which transformers forwards from ``model(...)`` to each attention call.
+transformers picks a layer's attention function by name, ``config._attn_implementation``,
+at every call, and has no per-call choice. So the engine routes a model once, when it is
+built (:func:`route_tree_attention`): each config's implementation ``X`` becomes
+``"flr_tree:X"``, a registered function that
+
+* runs tree attention when the call carries a packed layout: the ``flr_tree`` keyword
+  argument (a :class:`TreeContext`), which transformers forwards from the decoder's call to
+  each attention call (gradient-checkpointing recomputes included);
+* is ``X`` itself otherwise (``X``'s registered function, or the modeling file's own
+  ``eager_attention_forward`` for ``"eager"``), with ``X``'s mask function.
+
+Inside a packed forward (:func:`packed_forward`, a context variable: this thread or task
+only) the mask function builds no mask, as transformers does for a name it has no mask for.
+Nothing is switched around a forward, so the same model object still generates and trains
+with its usual attention, from any thread, while packed forwards run on another.
+:func:`unroute_tree_attention` restores the names (they are not saved with the config).
 
 Sliding-window layers (Gemma 2/3, Mistral) receive ``sliding_window`` from their module,
 soft-capped ones ``softcap``; both are applied over trie depth (= position ids).
@@ -13,11 +24,17 @@ soft-capped ones ``softcap``; both are applied over trie depth (= position ids).
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
+import sys
 from dataclasses import dataclass, field
 
 import torch
 
 ATTN_NAME = "flr_tree"
+_PREFIX = ATTN_NAME + ":"
+# True inside a packed forward of this thread / task: no attention mask is built
+_packed = contextvars.ContextVar("flr_packed_forward", default=False)
 
 
 @dataclass
@@ -78,7 +95,7 @@ def flr_tree_attention_forward(
 
     if flr_tree is None:
         raise RuntimeError(
-            "attention 'flr_tree' called without a packed layout: run the model through "
+            "tree attention called without a packed layout: run the model through "
             "flr_engine's engine (the flr_tree= keyword argument is missing)"
         )
     if query.shape[0] != 1:
@@ -102,17 +119,61 @@ def flr_tree_attention_forward(
     return out.unsqueeze(0), None
 
 
-_registered = False
+@functools.lru_cache(maxsize=1)
+def _registries():
+    """transformers' (attention functions, mask functions) registries, imported once."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS
 
 
-def register() -> None:
-    """Register ``"flr_tree"`` with transformers (idempotent)."""
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
+@functools.cache
+def _modeling_eager(cls: type):
+    """The ``eager_attention_forward`` of the modeling file that defines ``cls`` (what the
+    layer passes transformers as the default for "eager"), or None."""
+    return getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
 
-        AttentionInterface.register(ATTN_NAME, flr_tree_attention_forward)
-        _registered = True
+
+def _routed_attention(impl: str | None):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        tree = kwargs.pop("flr_tree", None)
+        if tree is not None:
+            return flr_tree_attention_forward(
+                module, query, key, value, attention_mask, flr_tree=tree, **kwargs
+            )
+        if _packed.get():  # a packed forward whose layout did not reach this layer
+            raise RuntimeError(
+                f"{type(module).__name__} got no flr_tree layout in a packed forward: the model "
+                "does not pass keyword arguments through to its attention layers"
+            )
+        native = _registries()[0].get_interface(impl, _modeling_eager(type(module)))
+        if native is None:
+            raise RuntimeError(f"no attention function {impl!r} for {type(module).__name__}")
+        return native(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def _routed_mask(impl: str):
+    def mask(*args, **kwargs):
+        if _packed.get():
+            return None  # tree attention takes its layout from TreeContext, not a mask
+        return _registries()[1][impl](*args, **kwargs)
+
+    return mask
+
+
+def _register(impl: str | None) -> str:
+    """Register ``"flr_tree:<impl>"`` (idempotent; the registries are process-wide by
+    design, the functions stateless) and return the name."""
+    attention, masks = _registries()
+    name = _PREFIX + (impl or "")
+    if name not in attention:
+        type(attention).register(name, _routed_attention(impl))
+    if impl in masks and name not in masks:  # no mask function for X: none for the route
+        type(masks).register(name, _routed_mask(impl))
+    return name
 
 
 def _configs(model: torch.nn.Module) -> list:
@@ -125,16 +186,37 @@ def _configs(model: torch.nn.Module) -> list:
     return out
 
 
+def _set_name(cfg, name: str | None) -> None:
+    # the internal field: the public setter would also overwrite the sub-configs' own names
+    if hasattr(cfg, "_attn_implementation_internal"):
+        cfg._attn_implementation_internal = name
+    else:
+        cfg._attn_implementation = name
+
+
+def route_tree_attention(model: torch.nn.Module) -> None:
+    """Route every attention config of ``model`` through ``"flr_tree:<its implementation>"``
+    (see the module docstring). Idempotent and cheap when already routed; a config whose
+    name was changed since (``model.set_attn_implementation``) is routed again."""
+    for cfg in _configs(model):
+        impl = cfg._attn_implementation
+        if not (isinstance(impl, str) and impl.startswith(_PREFIX)):
+            _set_name(cfg, _register(impl))
+
+
+def unroute_tree_attention(model: torch.nn.Module) -> None:
+    """Give every config of ``model`` back its own attention implementation name."""
+    for cfg in _configs(model):
+        impl = cfg._attn_implementation
+        if isinstance(impl, str) and impl.startswith(_PREFIX):
+            _set_name(cfg, impl[len(_PREFIX) :] or None)
+
+
 @contextlib.contextmanager
-def tree_attention_mode(model: torch.nn.Module):
-    """Temporarily route the model's attention through ``flr_tree``."""
-    register()
-    configs = _configs(model)
-    saved = [c._attn_implementation for c in configs]
+def packed_forward():
+    """Mark a packed (tree-attention) forward for this thread / task: no masks are built."""
+    token = _packed.set(True)
     try:
-        for c in configs:
-            c._attn_implementation = ATTN_NAME
         yield
     finally:
-        for c, s in zip(configs, saved):
-            c._attn_implementation = s
+        _packed.reset(token)

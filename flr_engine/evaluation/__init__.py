@@ -6,8 +6,16 @@
   preference rows, Anthropic HH transcripts), with file:line:field errors;
 * :mod:`~flr_engine.evaluation.metrics`: accuracy and correlations with bootstrap
   intervals, and the logistic calibration of per-template weights;
-* :mod:`~flr_engine.evaluation.run`: the resumable job, markdown report, JSON and figure;
-* :mod:`~flr_engine.evaluation.cli`: the ``flr eval`` subcommand.
+* :mod:`~flr_engine.evaluation.scoring`: a batch of rows -> per-reply records (FLR, Direct,
+  length) in one backend pass; the reward-model column;
+* :mod:`~flr_engine.evaluation.results`: the per-row files and the arrays read back from them;
+* :mod:`~flr_engine.evaluation.set_metrics`: a set's metrics per method, dimension, template;
+* :mod:`~flr_engine.evaluation.calibration`: per-template weights, fit, saved, applied;
+* :mod:`~flr_engine.evaluation.report`: the markdown report and the figure;
+* :mod:`~flr_engine.evaluation.config` / :mod:`~flr_engine.evaluation.run`: the resumable job;
+* :mod:`~flr_engine.evaluation.compare`: two policies' rewards on the same prompts.
+
+The ``flr eval`` command itself is :mod:`flr_engine.cli.evaluate`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,22 @@
 """Fused gathered log-prob: per-token log p(target | prefix) without the (N, V) logits.
 
 For N scored positions with final hidden states ``hidden`` (N, H), an LM head ``weight``
-(V, H), an optional ``bias`` (V,) and ``targets`` (N,)::
+(V, H), an optional ``bias`` (V,) and ``targets`` (N,), the LM head's logit transform
+(:func:`logit_transform`, the one place it is written in Python) and the gathered log-prob::
 
-    z[n, v]  = (hidden[n] . weight[v] + bias[v]) * logit_scale               # logits
-    z[n, v]  = softcap * tanh(z[n, v] / softcap)        # Gemma-2/3 final_logit_softcapping
+    z[n, v]  = softcap * tanh((hidden[n] . weight[v] + bias[v]) * logit_scale / softcap)
+               (without softcap: (hidden[n] . weight[v] + bias[v]) * logit_scale)
     lse[n]   = log sum_v exp(z[n, v])
     logp[n]  = z[n, targets[n]] - lse[n]          (0, with no gradient, where target == ignore)
+
+With a row index ``rows`` (M,) into ``hidden`` (R, H), many targets share one row's softmax
+normaliser (siblings in a prefix tree: every follow-up's first token hangs off one header)::
+
+    lse[r]   = log sum_v exp(z[r, v])                            once per row, (R,)
+    logp[m]  = z[rows[m], targets[m]] - lse[rows[m]]             (M,)
+
+The full-vocabulary pass runs once per row; the target logits are a row-wise dot
+(:func:`gathered_logits`, (M, H) products, no (M, V) logits).
 
 Every implementation walks the vocabulary in chunks with an online log-sum-exp and picks the
 target logit out of the chunk that holds it, so memory is O(N * chunk), never O(N * V):
@@ -22,14 +32,18 @@ target logit out of the chunk that holds it, so memory is O(N * chunk), never O(
   tensor-core matmul. ``"auto"`` never picks it (scripts/gpu_check.sh measures all three).
 * ``"reference"``: :func:`gathered_logprob_reference` (full logits; for tests).
 
+With ``rows`` every impl computes only ``lse`` (R,) (the kernels get targets that are all
+``ignore_index``) and the target logits come from :func:`gathered_logits`.
+
 The backward pass (all impls) recomputes each vocabulary chunk's logits with torch matmuls::
 
-    d logp[n] / d z[n, v] = onehot(targets[n])[v] - softmax(z[n])[v]
-    d lse[n]  / d z[n, v] = softmax(z[n])[v]
+    d logp[m] / d z[r, v] = [rows[m] == r] * (onehot(targets[m])[v] - softmax(z[r])[v])
+    d lse[r]  / d z[r, v] = softmax(z[r])[v]
 
-times ``1 - tanh(a / softcap)**2`` (softcap) and ``logit_scale``, and accumulates
-``grad_hidden`` (N, H), ``grad_weight`` (V, H) and ``grad_bias`` (V,) chunk by chunk.
-Gradients that are not needed (e.g. a frozen LM head under LoRA) are not computed.
+so a row's coefficient of its softmax sums over the targets sharing it; times
+``1 - tanh(a / softcap)**2`` (softcap) and ``logit_scale``, it accumulates ``grad_hidden``
+(R, H), ``grad_weight`` (V, H) and ``grad_bias`` (V,) chunk by chunk. Gradients that are not
+needed (e.g. a frozen LM head under LoRA) are not computed.
 
 Importing this module imports neither triton nor the CUDA extension.
 """
@@ -46,7 +60,9 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "IMPLS",
     "flr_gathered_logprob",
+    "gathered_logits",
     "gathered_logprob_reference",
+    "logit_transform",
     "segment_mean",
     "segment_sum",
 ]
@@ -59,10 +75,46 @@ _INT_DTYPES = (torch.int64, torch.int32)
 # cache-friendly and measured faster than one full matmul; CUDA: 64 Mi (256 MiB), few launches.
 _CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 _MIN_CHUNK = 256
+_TARGET_BLOCK = 4096  # rows per block of gathered_logits: (block, H) products at once
 logger = logging.getLogger(__name__)
-# (device, dtype) whose Triton launch failed under impl="auto": torch from then on, for
-# that pair only; the cause is logged once as a warning
-_triton_auto_failed: dict[tuple[str, torch.dtype], str] = {}
+# Triton specialisations that failed to launch under impl="auto", keyed by what the kernel is
+# compiled for: (device, dtype, launch_config tiles / warps / stages, has bias, has softcap)
+# -> cause (logged once). Such a failure (shared memory or registers over the device's limit,
+# a compile error) is a property of the device and the specialisation, not of the call, so
+# the record is process-wide like Triton's own compile cache: retrying per call would
+# recompile (seconds) and warn every time. Other specialisations keep the kernel; a transient
+# failure (out of memory) falls back for that call only and is not recorded.
+_triton_auto_failed: dict[tuple, str] = {}
+
+
+# --------------------------------------------------------------------------------------
+# the logit transform
+# --------------------------------------------------------------------------------------
+
+
+def logit_transform(
+    z: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    *,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """The LM head's logits from raw products ``z = hidden . weight[v]`` (any shape, bias
+    broadcast over the last dim)::
+
+        a = (z + bias) * logit_scale          (Cohere's logit_scale, Granite's 1/logits_scaling)
+        out = softcap * tanh(a / softcap)     (Gemma-2/3 final_logit_softcapping; else a)
+
+    ``inplace`` overwrites ``z`` (the chunked paths; no autograd there). The Triton and CUDA
+    kernels apply the same formula inside the kernel."""
+    if bias is not None:
+        z = z.add_(bias.to(z.dtype)) if inplace else z + bias.to(z.dtype)
+    if logit_scale != 1.0:
+        z = z.mul_(logit_scale) if inplace else z * logit_scale
+    if softcap is not None:
+        z = z.div_(softcap).tanh_().mul_(softcap) if inplace else softcap * torch.tanh(z / softcap)
+    return z
 
 
 # --------------------------------------------------------------------------------------
@@ -80,30 +132,32 @@ def gathered_logprob_reference(
     softcap: float | None = None,
     ignore_index: int = -100,
     return_lse: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Obviously-correct gathered log-prob: full fp32 (N, V) logits, log_softmax, gather.
 
     ``hidden`` (*, H), ``weight`` (V, H), ``bias`` (V,) or None, ``targets`` (*) integer.
     Returns ``logp`` (*) (and ``lse`` (*) when ``return_lse``), fp32 (fp64 for fp64 inputs);
-    ``logp`` is 0 where ``targets == ignore_index``. Differentiable by plain autograd.
+    ``logp`` is 0 where ``targets == ignore_index``. With ``rows`` (same shape as
+    ``targets``), ``hidden`` is (R, H), ``logp[m] = log_softmax(z[rows[m]])[targets[m]]`` and
+    ``lse`` is (R,). Differentiable by plain autograd.
     Memory: O(N * V) -- use :func:`flr_gathered_logprob` for real workloads.
     """
-    _validate(hidden, weight, targets, bias, logit_scale, softcap, None, "reference")
+    _validate(hidden, weight, targets, bias, logit_scale, softcap, None, "reference", rows)
     acc = _acc_dtype(hidden.dtype)
-    h = hidden.reshape(-1, hidden.shape[-1]).to(acc)  # (N, H)
-    t = targets.reshape(-1).long()  # (N,)
-    z = h @ weight.to(acc).T  # (N, V)
-    if bias is not None:
-        z = z + bias.to(acc)
-    z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+    h = hidden.reshape(-1, hidden.shape[-1]).to(acc)  # (N, H) (R, H with rows)
+    t = targets.reshape(-1).long()  # (N,) (M,)
+    z = logit_transform(h @ weight.to(acc).T, bias, logit_scale, softcap)  # (N, V)
     valid = t != ignore_index  # (N,)
-    logp = torch.log_softmax(z, dim=-1).gather(1, torch.where(valid, t, 0)[:, None])[:, 0]
+    logp_all = torch.log_softmax(z, dim=-1)  # (N, V)
+    if rows is not None:
+        logp_all = logp_all[rows.reshape(-1).long()]  # (M, V)
+    logp = logp_all.gather(1, torch.where(valid, t, 0)[:, None])[:, 0]
     logp = torch.where(valid, logp, torch.zeros((), dtype=acc, device=z.device))
     logp = logp.reshape(targets.shape)
     if return_lse:
-        return logp, torch.logsumexp(z, dim=-1).reshape(targets.shape)
+        lse = torch.logsumexp(z, dim=-1)
+        return logp, lse if rows is not None else lse.reshape(targets.shape)
     return logp
 
 
@@ -135,6 +189,7 @@ def _validate(
     softcap: object,
     chunk_size: object,
     impl: object,
+    rows: object = None,
 ) -> None:
     """Raise early with a message naming the argument and expected vs actual."""
     for name, x in (("hidden", hidden), ("weight", weight), ("targets", targets)):
@@ -165,11 +220,25 @@ def _validate(
         raise ValueError("weight must have at least one row (V >= 1), got V = 0")
     if targets.dtype not in _INT_DTYPES:
         raise TypeError(f"targets must be int64 (or int32), got {targets.dtype}")
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
-            f"got {tuple(targets.shape)}"
-        )
+    if rows is None:
+        if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(
+                f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+                f"got {tuple(targets.shape)}"
+            )
+    else:
+        if not isinstance(rows, torch.Tensor):
+            raise TypeError(f"rows must be a torch.Tensor or None, got {type(rows).__name__}")
+        if hidden.dim() != 2:
+            raise ValueError(f"with rows, hidden must have shape (R, H), got {tuple(hidden.shape)}")
+        if rows.dtype not in _INT_DTYPES:
+            raise TypeError(f"rows must be int64 (or int32), got {rows.dtype}")
+        if tuple(rows.shape) != tuple(targets.shape):
+            raise ValueError(
+                f"rows must have the shape of targets {tuple(targets.shape)}, got {tuple(rows.shape)}"
+            )
+        if rows.device != hidden.device:
+            raise ValueError(f"rows must be on hidden's device {hidden.device}, got {rows.device}")
     for name, x in (("weight", weight), ("targets", targets)):
         if x.device != hidden.device:
             raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {x.device}")
@@ -210,6 +279,16 @@ def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) ->
         )
 
 
+def _check_row_range(rows: torch.Tensor, num_rows: int) -> None:
+    """Rows must index ``hidden``: in [0, R) (one device sync on CUDA)."""
+    if rows.numel() == 0:
+        return
+    bad = (rows < 0) | (rows >= num_rows)
+    if bool(bad.any()):
+        first = rows[bad].reshape(-1)[0].item()
+        raise ValueError(f"rows must be in [0, R={num_rows}) (rows of hidden), found {first}")
+
+
 @functools.lru_cache(maxsize=1)
 def _cuda_ext() -> tuple[object | None, str]:
     """(flr_engine._C_cuda or None, why not)."""
@@ -244,17 +323,13 @@ def _triton_status(device: torch.device) -> str:
 
 
 def _resolve_impl(impl: str, hidden: torch.Tensor) -> str:
-    """Concrete impl for ``impl``: 'auto' picks triton (CUDA tensors, fp32/bf16/fp16, no
-    earlier failure for this device and dtype) > torch, never the CUDA extension (see the
-    module docstring); an explicit impl that cannot run raises RuntimeError saying why."""
+    """Concrete impl for ``impl``: 'auto' picks triton (CUDA tensors, fp32/bf16/fp16) >
+    torch, never the CUDA extension (see the module docstring); a Triton specialisation that
+    failed before falls back in :func:`_kernel_forward`. An explicit impl that cannot run
+    raises RuntimeError saying why."""
     dtype, device = hidden.dtype, hidden.device
     if impl == "auto":
-        if (
-            device.type == "cuda"
-            and dtype in _KERNEL_DTYPES
-            and (str(device), dtype) not in _triton_auto_failed
-            and not _triton_status(device)
-        ):
+        if device.type == "cuda" and dtype in _KERNEL_DTYPES and not _triton_status(device):
             return "triton"
         return "torch"
     if impl in ("cuda", "triton") and dtype not in _KERNEL_DTYPES:
@@ -293,26 +368,21 @@ def _chunk_logits(
     acc: torch.dtype,
     want_tanh: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits of one vocabulary chunk, (N, C) in ``acc``; plus tanh(a / softcap) (N, C) when
-    ``want_tanh`` and softcap is set (for the softcap derivative), else None."""
+    """Logits of one vocabulary chunk, (N, C) in ``acc`` (:func:`logit_transform`, in place);
+    plus tanh(a / softcap) = z / softcap (N, C) when ``want_tanh`` and softcap is set (for the
+    softcap derivative), else None."""
     z = torch.matmul(h, w.T).to(acc)  # (N, C); .to is free when already acc
-    if b is not None:
-        z.add_(b.to(acc))
-    if logit_scale != 1.0:
-        z.mul_(logit_scale)
-    if softcap is None:
+    z = logit_transform(z, b, logit_scale, softcap, inplace=True)
+    if softcap is None or not want_tanh:
         return z, None
-    t = z.div_(softcap).tanh_()  # (N, C), in place: z now holds tanh(a / softcap)
-    if not want_tanh:
-        return t.mul_(softcap), None
-    return t * softcap, t
+    return z, z / softcap
 
 
 def _torch_forward(
     hidden: torch.Tensor,  # (N, H)
     weight: torch.Tensor,  # (V, H)
     bias: torch.Tensor | None,  # (V,)
-    targets: torch.Tensor,  # (N,) int64
+    targets: torch.Tensor | None,  # (N,) int64; None: lse only (logp is all zeros)
     logit_scale: float,
     softcap: float | None,
     ignore_index: int,
@@ -330,9 +400,10 @@ def _torch_forward(
         v1 = min(v0 + chunk, vocab)
         b = bias[v0:v1] if bias is not None else None
         z, _ = _chunk_logits(h, weight[v0:v1].to(mm), b, logit_scale, softcap, acc)  # (N, C)
-        in_chunk = (targets >= v0) & (targets < v1)  # (N,)
-        local = (targets - v0).clamp_(0, v1 - v0 - 1)  # (N,)
-        z_tgt = torch.where(in_chunk, z.gather(1, local[:, None])[:, 0], z_tgt)
+        if targets is not None:
+            in_chunk = (targets >= v0) & (targets < v1)  # (N,)
+            local = (targets - v0).clamp_(0, v1 - v0 - 1)  # (N,)
+            z_tgt = torch.where(in_chunk, z.gather(1, local[:, None])[:, 0], z_tgt)
         # online log-sum-exp, in place on the chunk (no second (N, C) buffer)
         m_chunk = z.amax(dim=1)  # (N,)
         s_chunk = z.sub_(m_chunk[:, None]).exp_().sum(dim=1)  # (N,)
@@ -341,18 +412,21 @@ def _torch_forward(
         m_run = m_new
         del z
     lse = m_run + torch.log(s_run)  # (N,)
+    if targets is None:
+        return z_tgt, lse
     valid = targets != ignore_index
     logp = torch.where(valid, z_tgt - lse, torch.zeros((), dtype=acc, device=lse.device))
     return logp, lse
 
 
 def _torch_backward(
-    hidden: torch.Tensor,  # (N, H)
+    hidden: torch.Tensor,  # (N, H); (R, H) with rows
     weight: torch.Tensor,  # (V, H)
     bias: torch.Tensor | None,  # (V,)
-    targets: torch.Tensor,  # (N,) int64
+    targets: torch.Tensor,  # (N,) int64; (M,) with rows
+    rows: torch.Tensor | None,  # (M,) int64 rows of hidden, or None (row n has target n)
     lse: torch.Tensor,  # (N,) acc dtype
-    g_logp: torch.Tensor | None,  # (N,)
+    g_logp: torch.Tensor | None,  # (N,) / (M,)
     g_lse: torch.Tensor | None,  # (N,)
     logit_scale: float,
     softcap: float | None,
@@ -367,12 +441,16 @@ def _torch_backward(
     acc = _acc_dtype(hidden.dtype)
     mm = _mm_dtype(hidden.dtype, device)
     h = hidden.to(mm)  # (N, H)
-    valid = targets != ignore_index  # (N,)
+    valid = targets != ignore_index  # (N,) / (M,)
     zero = torch.zeros((), dtype=acc, device=device)
-    g_t = torch.zeros(n, dtype=acc, device=device) if g_logp is None else g_logp.to(acc)
-    g_t = torch.where(valid, g_t, zero)  # (N,) weight of the one-hot term
-    # d/dz of (g_logp * logp + g_lse * lse) = g_t * onehot + (g_lse - g_t) * softmax
-    coef = -g_t if g_lse is None else g_lse.to(acc) - g_t  # (N,)
+    g_t = torch.zeros(len(targets), dtype=acc, device=device) if g_logp is None else g_logp.to(acc)
+    g_t = torch.where(valid, g_t, zero)  # (N,) / (M,) weight of the one-hot term
+    # d/dz of (g_logp * logp + g_lse * lse) = g_t * onehot + (g_lse - g_t) * softmax, where a
+    # row's g_t sums over the targets that share it
+    g_row = g_t  # (N,)
+    if rows is not None:
+        g_row = torch.zeros(n, dtype=acc, device=device).index_add_(0, rows, g_t)
+    coef = -g_row if g_lse is None else g_lse.to(acc) - g_row  # (N,)
     lse = lse.to(acc)
 
     grad_h = torch.zeros(n, hsize, dtype=acc, device=device) if need_h else None  # (N, H)
@@ -386,7 +464,11 @@ def _torch_backward(
         g = z.sub_(lse[:, None]).exp_().mul_(coef[:, None])  # (N, C): (g_lse - g_t) * p
         in_chunk = (targets >= v0) & (targets < v1)
         local = (targets - v0).clamp_(0, v1 - v0 - 1)
-        g.scatter_add_(1, local[:, None], torch.where(in_chunk, g_t, zero)[:, None])
+        g_in = torch.where(in_chunk, g_t, zero)  # (N,) / (M,)
+        if rows is None:
+            g.scatter_add_(1, local[:, None], g_in[:, None])
+        else:  # targets sharing a row add into the same (row, target) entries
+            g.view(-1).index_add_(0, rows * (v1 - v0) + local, g_in)
         if t is not None:  # d softcap*tanh(a/softcap) / da = 1 - tanh^2
             g.mul_(t.square_().neg_().add_(1.0))
         if logit_scale != 1.0:
@@ -409,40 +491,61 @@ def _torch_backward(
     )
 
 
+def _triton_key(kmod, hidden: torch.Tensor, weight: torch.Tensor, bias, softcap) -> tuple:
+    """What the Triton kernel is compiled for (the key of ``_triton_auto_failed``)."""
+    n, h = hidden.shape
+    cfg = kmod.launch_config(
+        n, h, weight.shape[0], hidden.dtype, kmod.smem_budget(hidden.device), kmod.INTERPRETED
+    )
+    return (str(hidden.device), hidden.dtype, cfg, bias is not None, softcap is not None)
+
+
 def _kernel_forward(
     impl: str,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
+    hidden: torch.Tensor,  # (N, H)
+    weight: torch.Tensor,  # (V, H)
+    bias: torch.Tensor | None,  # (V,)
+    targets: torch.Tensor | None,  # (N,) int64; None: lse only
     logit_scale: float,
     softcap: float | None,
     ignore_index: int,
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp (N,), lse (N,)) from ``impl``; without targets logp is all zeros (the kernels get
+    targets that are all ``ignore_index``)."""
     if impl == "torch" or hidden.shape[0] == 0:
         return _torch_forward(
             hidden, weight, bias, targets, logit_scale, softcap, ignore_index, chunk
         )
+    if targets is None:
+        targets = torch.full(
+            (hidden.shape[0],), ignore_index, dtype=torch.int64, device=hidden.device
+        )
     if impl in ("triton", "auto-triton"):
-        from flr_engine.kernels.fused_logprob import fused_logprob_forward
+        from flr_engine.kernels import fused_logprob as kmod
 
-        try:
-            return fused_logprob_forward(
-                hidden, weight, bias, targets, logit_scale, softcap, ignore_index
-            )
-        except Exception as exc:
-            if impl == "triton":
-                raise
-            key = (str(hidden.device), hidden.dtype)
-            _triton_auto_failed[key] = f"{type(exc).__name__}: {exc}"
-            logger.warning(
-                "flr_gathered_logprob: the Triton kernel failed on %s %s, impl='auto' uses the "
-                "torch path there from now on (%s)", key[0], key[1], _triton_auto_failed[key],
-            )  # fmt: skip
-            return _torch_forward(
-                hidden, weight, bias, targets, logit_scale, softcap, ignore_index, chunk
-            )
+        key = _triton_key(kmod, hidden, weight, bias, softcap) if impl == "auto-triton" else None
+        if key is None or key not in _triton_auto_failed:
+            try:
+                return kmod.fused_logprob_forward(
+                    hidden, weight, bias, targets, logit_scale, softcap, ignore_index
+                )
+            except Exception as exc:
+                if key is None:  # impl="triton": fail loudly
+                    raise
+                cause = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, torch.cuda.OutOfMemoryError):  # transient: this call only
+                    logger.warning("flr_gathered_logprob: Triton kernel out of memory, using "
+                                   "the torch path for this call (%s)", cause)  # fmt: skip
+                else:
+                    _triton_auto_failed[key] = cause
+                    logger.warning(
+                        "flr_gathered_logprob: the Triton kernel failed for %s; impl='auto' uses "
+                        "the torch path for this specialisation from now on (%s)", key, cause,
+                    )  # fmt: skip
+        return _torch_forward(
+            hidden, weight, bias, targets, logit_scale, softcap, ignore_index, chunk
+        )
     if impl == "cuda":
         ext = _cuda_ext()[0]
         hid = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
@@ -459,26 +562,63 @@ def _kernel_forward(
     raise AssertionError(impl)  # pragma: no cover
 
 
+def _gathered_logits(
+    hidden: torch.Tensor,  # (N, H); (R, H) with rows
+    weight: torch.Tensor,  # (V, H)
+    bias: torch.Tensor | None,  # (V,)
+    targets: torch.Tensor,  # (M,) int64
+    rows: torch.Tensor | None,  # (M,) int64 or None (= arange)
+    logit_scale: float,
+    softcap: float | None,
+    ignore_index: int,
+) -> torch.Tensor:
+    """``z[m] = logit_transform(hidden[rows[m]] . weight[targets[m]] + bias[targets[m]])``,
+    (M,) in the accumulation dtype (0 where ignored); row blocks of ``_TARGET_BLOCK``, so no
+    (M, H) fp32 copy of the gathered weight rows is built. Plain autograd."""
+    acc = _acc_dtype(hidden.dtype)
+    valid = targets != ignore_index  # (M,)
+    t = torch.where(valid, targets, 0)  # (M,)
+    parts = []
+    for m0 in range(0, len(t), _TARGET_BLOCK):
+        tb = t[m0 : m0 + _TARGET_BLOCK]  # (block,)
+        hb = hidden[m0 : m0 + len(tb)] if rows is None else hidden[rows[m0 : m0 + len(tb)]]
+        parts.append((hb.to(acc) * weight[tb].to(acc)).sum(-1))  # (block,)
+    z = torch.cat(parts) if parts else torch.zeros(0, dtype=acc, device=hidden.device)  # (M,)
+    z = logit_transform(z, bias[t] if bias is not None else None, logit_scale, softcap)
+    return torch.where(valid, z, torch.zeros((), dtype=acc, device=z.device))
+
+
 class _GatheredLogprob(torch.autograd.Function):
     """(logp, lse) with a chunked-recompute backward to hidden, weight and bias."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
-        hidden: torch.Tensor,  # (N, H)
+        hidden: torch.Tensor,  # (N, H); (R, H) with rows
         weight: torch.Tensor,  # (V, H)
         bias: torch.Tensor | None,  # (V,)
-        targets: torch.Tensor,  # (N,) int64
+        targets: torch.Tensor,  # (N,) int64; (M,) with rows
+        rows: torch.Tensor | None,  # (M,) int64 or None
         logit_scale: float,
         softcap: float | None,
         ignore_index: int,
         chunk: int,
         impl: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logp, lse = _kernel_forward(
-            impl, hidden, weight, bias, targets, logit_scale, softcap, ignore_index, chunk
-        )
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        if rows is None:
+            logp, lse = _kernel_forward(
+                impl, hidden, weight, bias, targets, logit_scale, softcap, ignore_index, chunk
+            )
+        else:  # lse once per row of hidden, target logits per (row, target)
+            _, lse = _kernel_forward(
+                impl, hidden, weight, bias, None, logit_scale, softcap, ignore_index, chunk
+            )  # (R,)
+            z = _gathered_logits(
+                hidden, weight, bias, targets, rows, logit_scale, softcap, ignore_index
+            )  # (M,)
+            valid = targets != ignore_index
+            logp = torch.where(valid, z - lse.to(z.dtype)[rows], torch.zeros_like(z))  # (M,)
+        ctx.save_for_backward(hidden, weight, bias, targets, rows, lse)
         ctx.cfg = (logit_scale, softcap, ignore_index, chunk)
         ctx.set_materialize_grads(False)
         return logp, lse
@@ -486,16 +626,16 @@ class _GatheredLogprob(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_logp: torch.Tensor | None, g_lse: torch.Tensor | None):  # type: ignore[override]
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, rows, lse = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         if (g_logp is None and g_lse is None) or not any(need):
-            return (None,) * 9
+            return (None,) * 10
         logit_scale, softcap, ignore_index, chunk = ctx.cfg
         gh, gw, gb = _torch_backward(
-            hidden, weight, bias, targets, lse, g_logp, g_lse,
+            hidden, weight, bias, targets, rows, lse, g_logp, g_lse,
             logit_scale, softcap, ignore_index, chunk, need,
         )  # fmt: skip
-        return gh, gw, gb, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------
@@ -515,61 +655,104 @@ def flr_gathered_logprob(
     chunk_size: int | None = None,
     impl: str = "auto",
     return_lse: bool = False,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Fused ``log_softmax((hidden @ weight.T + bias) * logit_scale)[targets]``.
+    """Fused ``log_softmax(logit_transform(hidden @ weight.T, bias, logit_scale, softcap))[targets]``.
 
     Args:
-        hidden: (*, H) final hidden states (fp16/bf16/fp32/fp64; any strides).
+        hidden: (*, H) final hidden states (fp16/bf16/fp32/fp64; any strides); (R, H) with
+            ``rows``.
         weight: (V, H) LM head (same dtype as ``hidden``); tied embeddings are fine.
         targets: (*) = ``hidden.shape[:-1]``, int64 (or int32) token ids in ``[0, V)`` or
-            ``ignore_index``.
+            ``ignore_index``; with ``rows``, any shape (the shape of ``rows``).
         bias: optional (V,) LM-head bias.
         logit_scale: multiplies the logits (after the bias).
         softcap: if given, ``z = softcap * tanh(z / softcap)`` after scaling (Gemma-2/3).
         ignore_index: such targets give ``logp = 0`` and no gradient.
         chunk_size: vocabulary chunk of the torch forward and of the backward (every impl);
             default keeps about 4 Mi logits (CPU) / 64 Mi logits (CUDA) per chunk.
-        impl: ``"auto"`` (Triton on CUDA, else torch; a Triton launch that fails falls back
-            to torch for that device and dtype, with one warning), ``"cuda"`` (explicit
+        impl: ``"auto"`` (Triton on CUDA, else torch; a Triton specialisation whose launch
+            fails falls back to torch from then on, with one warning), ``"cuda"`` (explicit
             only: slow, see the module docstring), ``"triton"``, ``"torch"`` or
             ``"reference"``. An explicit impl that cannot run raises RuntimeError saying why.
         return_lse: also return ``lse`` (differentiable too).
+        rows: optional int64 (or int32) row of ``hidden`` for each target, in ``[0, R)``:
+            ``logp[m] = z[rows[m], targets[m]] - lse[rows[m]]``; the full-vocabulary pass
+            runs once per row of ``hidden`` (pass each distinct row once).
 
     Returns:
-        ``logp`` (*) -- or ``(logp, lse)`` -- fp32 (fp64 for fp64 inputs). The (N, V)
-        logits are never materialised (except by ``impl="reference"``); gradients flow to
-        ``hidden``, ``weight`` and ``bias``.
+        ``logp`` (shape of ``targets``) -- or ``(logp, lse)``, ``lse`` (*) = per row of
+        ``hidden`` ((R,) with ``rows``) -- fp32 (fp64 for fp64 inputs). The (N, V) logits
+        are never materialised (except by ``impl="reference"``); gradients flow to
+        ``hidden``, ``weight`` and ``bias`` (summed over the targets that share a row).
 
-    Validates shapes, dtypes, devices and the target range (one device sync on CUDA).
+    Validates shapes, dtypes, devices and the target and row ranges (a device sync on CUDA).
     On CUDA the torch path multiplies half inputs in their dtype (plain-torch precision);
     the Triton / CUDA kernels and the CPU torch path compute fp32 logits from half inputs.
     """
-    _validate(hidden, weight, targets, bias, logit_scale, softcap, chunk_size, impl)
+    _validate(hidden, weight, targets, bias, logit_scale, softcap, chunk_size, impl, rows)
     logit_scale = float(logit_scale)
     softcap = float(softcap) if softcap is not None else None
     if impl == "reference":
         _check_target_range(targets, weight.shape[0], ignore_index)
+        if rows is not None:
+            _check_row_range(rows, hidden.shape[0])
         return gathered_logprob_reference(
             hidden, weight, targets, bias=bias, logit_scale=logit_scale, softcap=softcap,
-            ignore_index=ignore_index, return_lse=return_lse,
+            ignore_index=ignore_index, return_lse=return_lse, rows=rows,
         )  # fmt: skip
     concrete = _resolve_impl(impl, hidden)
     if impl == "auto" and concrete == "triton":
         concrete = "auto-triton"  # a failing launch falls back to torch (logged once)
     hsize, vocab = hidden.shape[-1], weight.shape[0]
     h2 = hidden.reshape(-1, hsize)  # (N, H): a view when possible
-    t1 = targets.reshape(-1).long()  # (N,)
+    t1 = targets.reshape(-1).long()  # (N,) / (M,)
+    r1 = rows.reshape(-1).long() if rows is not None else None  # (M,)
     _check_target_range(t1, vocab, ignore_index)
+    if r1 is not None:
+        _check_row_range(r1, h2.shape[0])
     chunk = (
         chunk_size if chunk_size is not None else _default_chunk(h2.shape[0], vocab, hidden.device)
     )
     logp, lse = _GatheredLogprob.apply(
-        h2, weight, bias, t1, logit_scale, softcap, int(ignore_index), min(chunk, vocab), concrete
-    )
+        h2, weight, bias, t1, r1, logit_scale, softcap, int(ignore_index), min(chunk, vocab),
+        concrete,
+    )  # fmt: skip
     logp = logp.reshape(targets.shape)
     if return_lse:
-        return logp, lse.reshape(targets.shape)
+        return logp, lse if rows is not None else lse.reshape(targets.shape)
     return logp
+
+
+def gathered_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    rows: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Raw target logits, no softmax: ``z[m] = logit_transform(hidden[rows[m]] .
+    weight[targets[m]] + bias[targets[m]])`` (``rows`` None: row m), shape of ``targets``,
+    fp32 (fp64 for fp64 inputs), 0 where ignored. Row-wise dots ((M, H) products, no (M, V)
+    logits); differentiable by plain autograd. (The released FLR scorer's "official" mode
+    averages such raw logits.) Arguments as :func:`flr_gathered_logprob`."""
+    _validate(hidden, weight, targets, bias, logit_scale, softcap, None, "torch", rows)
+    hsize, vocab = hidden.shape[-1], weight.shape[0]
+    h2 = hidden.reshape(-1, hsize)
+    t1 = targets.reshape(-1).long()
+    r1 = rows.reshape(-1).long() if rows is not None else None
+    _check_target_range(t1, vocab, ignore_index)
+    if r1 is not None:
+        _check_row_range(r1, h2.shape[0])
+    z = _gathered_logits(
+        h2, weight, bias, t1, r1, float(logit_scale),
+        float(softcap) if softcap is not None else None, int(ignore_index),
+    )  # fmt: skip
+    return z.reshape(targets.shape)
 
 
 # --------------------------------------------------------------------------------------

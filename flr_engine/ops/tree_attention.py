@@ -42,7 +42,11 @@ _IMPLS = ("auto", "triton", "torch", "dense")
 _PLAN_CELLS_PER_CHUNK = 1 << 24  # query-block x key-block cells per vectorised plan step
 _TORCH_SCORE_BUDGET = 1 << 20  # fp32 score elements per torch-path chunk (4 MiB, cache-sized)
 # impl="auto" falls back to torch per failing launch configuration, not for the process:
-# key (device, dtype, head dim, block_m, block_n, window?, softcap?) -> cause (logged once)
+# key (device, dtype, head dim, block_m, block_n, window?, softcap?) -> cause (logged once).
+# Process-wide on purpose: a failure to compile / launch a specialisation (shared memory or
+# registers over the device's limit) is a property of the device and that specialisation,
+# not of the call; retrying per call would recompile and warn every time (as
+# ops/fused_logprob.py's record).
 _triton_auto_failed: dict[tuple, str] = {}
 _triton_import_error: str | None = None  # triton not importable: logged once
 

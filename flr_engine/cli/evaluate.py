@@ -1,17 +1,19 @@
-"""The ``flr eval`` subcommand: FLR vs baselines on preference and rating sets.
-
-Wire it into the main parser with ``add_eval_parser(subparsers)``; ``main(argv)`` runs it
-standalone (``python -m flr_engine.evaluation.cli eval ...``).
-"""
+"""``flr eval``: FLR vs baselines (Direct, length, random, a reward model) on preference
+and rating sets, resumable, with a markdown report, JSON and a figure."""
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
-import sys
 
-from flr_engine.errors import ConfigError, MissingFileError
+from flr_engine.cli.args import (
+    RAW,
+    add_model_args,
+    add_reward_args,
+    scorer_from_args,
+    scoring_settings,
+)
+from flr_engine.errors import ConfigError
 
 log = logging.getLogger("flr_engine")
 
@@ -25,6 +27,7 @@ EVAL_EXAMPLES = """examples:
   flr eval ../shared/data/pairwise --out runs/cal \
       --calibrate-on hh-rlhf-helpful-base
   flr eval ../shared/data/pairwise --model default-ft --calibration auto --out runs/ft
+  torchrun --nproc-per-node 2 -m flr_engine.cli eval ../shared/data/pairwise --out runs/eval
 
 inputs: .jsonl(.gz) files or folders of them (recursive); one set per file, schema detected:
   pairwise  {"context": [messages], "chosen": str, "rejected": str, "tie": bool}
@@ -38,47 +41,18 @@ sets: accuracy (score ties count 0.5); rating sets: Pearson/Spearman/Kendall; al
 bootstrap intervals, per dimension and per template.
 (The HH sets of ../shared/data hold a few empty replies: counts them as bad.)
 Output in --out: results.json, report.md, eval.png, sets/*. A rerun skips finished sets
-and resumes an interrupted one row by row (--overwrite starts over)."""
+and resumes an interrupted one row by row (--overwrite starts over). Under torchrun or
+accelerate launch each rank scores every N-th batch on its own device; rank 0 merges the
+rows and writes the report (the same rows and numbers as one process)."""
 
 
-def _scorer_from_args(args):
-    """The scorer ``flr score`` would build from these arguments (imported lazily, so that
-    ``flr_engine.cli`` may import this module at its top without an import cycle)."""
-    from flr_engine.cli import _scorer_from_args as build
 
-    return build(args)
-
-
-def calibration_path(value: str, model: str, templates) -> str:
-    """``--calibration FILE|auto``: auto is ``calibration-<template set>.json`` in the judge's
-    folder (the shipped ``default-ft`` or a ``flr feedback-tune`` output)."""
-    import os
-
-    if value != "auto":
-        if not os.path.isfile(value):
-            raise MissingFileError(f"--calibration {value}: no such file")
-        return value
-    from flr_engine.models import DEFAULT_FT_MODEL, shipped_judge_dir
-
-    folder = shipped_judge_dir() if model == DEFAULT_FT_MODEL else model
-    path = os.path.join(str(folder), f"calibration-{templates.name}.json")
-    if not os.path.isfile(path):
-        raise MissingFileError(
-            f"--calibration auto: the judge {model!r} has no {os.path.basename(path)} "
-            f"(looked in {folder}); fit one with --calibrate-on SET --save-calibration FILE"
-        )
-    return path
-
-
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``eval`` on an ``argparse`` subparsers object; returns its parser."""
-    from flr_engine.cli import _add_model_args, _add_reward_args
-
+def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
         help="accuracy / correlation of FLR and baselines on preference and rating sets",
         epilog=EVAL_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RAW,
     )
     p.add_argument("data", nargs="*", help=".jsonl(.gz) files or folders of them")
     p.add_argument("--data", dest="data_opt", action="extend", nargs="+", default=[],
@@ -87,10 +61,6 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"folder for results (resumable; default {DEFAULT_OUT})")
     p.add_argument("--limit", type=int, default=None, help="first N non-tie rows per set")
     p.add_argument("--batch-size", type=int, default=4, help="rows scored per backend call")
-    p.add_argument("--workers", type=int, default=1,
-                   help="score in N processes, each with its own model and 1/N of the torch "
-                   "threads (on CPU, 2 one-thread processes beat 1 two-thread one: see "
-                   "docs/evaluation.md); rows and results are the same")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--level", type=float, default=0.95, help="interval level")
     p.add_argument("--seed", type=int, default=0, help="seed of bootstrap, random baseline, CV")
@@ -124,16 +94,16 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="on a bad row: log it with file:line, count and skip it (default), or stop")
     p.add_argument("--overwrite", action="store_true", help="recompute everything")
     p.add_argument("--no-figure", action="store_true", help="skip eval.png")
-    _add_model_args(p)
-    _add_reward_args(p)
+    add_model_args(p)
+    add_reward_args(p)
     p.set_defaults(func=cmd_eval)
-    return p
 
 
 def cmd_eval(args) -> int:
-    from flr_engine.cli import scoring_settings
+    from flr_engine.distributed import Ranks
     from flr_engine.evaluation.data import load_sets
-    from flr_engine.evaluation.run import EvalConfig, RewardModelScorer, run_eval
+    from flr_engine.evaluation.run import EvalConfig, run_eval
+    from flr_engine.evaluation.scoring import RewardModelScorer
     from flr_engine.io import RowError
     from flr_engine.models import resolve_device
     from flr_engine.templates import load_templates
@@ -144,8 +114,6 @@ def cmd_eval(args) -> int:
                          "positionally or with --data")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {args.limit}")
-    if args.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     dims = args.dimensions.split(",") if args.dimensions else None
@@ -165,7 +133,7 @@ def cmd_eval(args) -> int:
         raise ConfigError("--save-calibration needs --calibrate-on SET")
     calibration = None
     if args.calibration:
-        from flr_engine.evaluation.run import load_calibration
+        from flr_engine.evaluation.calibration import calibration_path, load_calibration
 
         calibration = load_calibration(calibration_path(args.calibration, args.model, templates), templates)
     cfg = EvalConfig(
@@ -182,28 +150,19 @@ def cmd_eval(args) -> int:
         overwrite=args.overwrite,
         quiet=getattr(args, "quiet", False),
         figure=not args.no_figure,
-        workers=args.workers,
         calibration=calibration,
         save_calibration=args.save_calibration,
     )
+    ranks = Ranks.from_env()
+    args.device = ranks.device(args.device)
     rm_factory = None
     if args.reward_model:
         def rm_factory():
             return RewardModelScorer(args.reward_model, device=resolve_device(args.device), dtype=args.dtype)
 
-    # a partial, not a lambda: --workers sends the factory to other processes
-    res = run_eval(sets, cfg, templates, functools.partial(_scorer_from_args, args), rm_factory)
+    res = run_eval(sets, cfg, templates, functools.partial(scorer_from_args, args), rm_factory)
+    if not ranks.is_main:  # rank 0 prints the report
+        return 0
     print(res["markdown"], end="")
     print(f"\nwrote {', '.join(res['files'].values())} ({res['seconds']:.1f}s)")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``flr eval`` on its own: the main ``flr`` entry point (same parser, same errors)."""
-    from flr_engine.cli import main as flr_main
-
-    return flr_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
