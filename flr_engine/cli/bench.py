@@ -20,7 +20,9 @@ def register(sub) -> None:
         formatter_class=RAW,
     )
     p.add_argument("--quick", action="store_true", help="2 conversations, 16 follow-ups: under a minute")
-    p.add_argument("--providers", default="reference,hf-prefix-cache,engine,limit")
+    p.add_argument("--providers", default="reference,hf-prefix-cache,engine,limit",
+                   help="comma-separated, from: reference, hf-prefix-cache, engine, limit, engine-bf16, "
+                   'llamacpp, llamacpp-naive (the last two need the extra: pip install -e ".[llamacpp]")')
     p.add_argument("--model", default="default")
     p.add_argument("--data", default=os.path.join("..", "shared", "data", "pairwise", "hh-rlhf-helpful-base.jsonl.gz"))
     p.add_argument("--n-conv", type=int, default=16, help="conversations (x2 replies: chosen, rejected)")
@@ -46,9 +48,15 @@ def cmd_bench(args) -> int:
     )
     worst = bench.check_agreement(rows)
     print(bench.table(rows))
-    print(f"\nproviders agree to {worst:.1e}; {args.n_conv} conversations x 2 replies; "
-          f"total {time.time() - t0:.0f}s")
+    print(f"\nexact providers agree to {worst:.1e}; {args.n_conv} conversations x 2 replies; "
+          f"total {time.time() - t0:.0f}s; load average {os.getloadavg()[0]:.1f} (1 min)")
+    agreement = {b: bench.deviations(rows, b) for b in ("engine", "reference")}
+    for base, devs in agreement.items():
+        for p, d in devs.items():
+            if p in bench.TOLERANCES:
+                print(f"{p} vs {base}: |diff| median {d['median']:.4f}, max {d['max']:.4f} over {d['n']} "
+                      f"sequences (tolerance {bench.TOLERANCES[p]})")
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"rows": rows, "args": vars(args) | {"func": None}}, fh, indent=1)
+            json.dump({"rows": rows, "agreement": agreement, "args": vars(args) | {"func": None}}, fh, indent=1)
     return 0
