@@ -59,6 +59,7 @@ no preference: h = 0 for every policy); a bad row raises ``file:line: field 'f':
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -69,6 +70,7 @@ import random
 import re
 import shutil
 import time
+import types
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -749,3 +751,196 @@ def plot_metrics(metrics_path: str, png_path: str) -> None:
 def config_from_dict(values: dict) -> DPOConfig:
     names = {f.name for f in fields(DPOConfig)}
     return DPOConfig(**{k: v for k, v in values.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------
+# TRL's DPOTrainer with the engine's packed forward
+# --------------------------------------------------------------------------------------
+
+# the keys the collator adds to TRL's batch; the patched backbone consumes them
+PACK_KEYS = ("flr_pack_ids", "flr_pack_positions", "flr_pack_subtree_end", "flr_pack_node")
+
+
+def pairs_rows(pairs: list[EncodedPair]) -> list[dict]:
+    """TRL's pre-tokenised preference rows: ``prompt_ids`` is the longest start that both
+    sequences share and that ends at or before both completions, ``chosen_ids`` /
+    ``rejected_ids`` the rest (the tokens TRL scores)."""
+    rows = []
+    for p in pairs:
+        n = 0
+        limit = min(p.chosen_start, p.rejected_start)
+        while n < limit and p.chosen[n] == p.rejected[n]:
+            n += 1
+        if n == 0:
+            raise ValueError(f"pair at line {p.line}: chosen and rejected share no prompt token")
+        rows.append({"prompt_ids": p.chosen[:n], "chosen_ids": p.chosen[n:],
+                     "rejected_ids": p.rejected[n:]})  # fmt: skip
+    return rows
+
+
+def pairs_dataset(pairs: list[EncodedPair], folder: str):
+    """The rows of :func:`pairs_rows` as a ``datasets.Dataset`` stored in ``folder`` (written
+    by the main process, read by every rank): TRL caches the precomputed reference log-probs
+    next to a dataset's files, which an in-memory dataset would put in each process's own
+    temporary folder."""
+    from accelerate import PartialState
+    from datasets import Dataset, load_from_disk
+
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process:
+            Dataset.from_list(pairs_rows(pairs)).save_to_disk(folder)
+    return load_from_disk(folder)
+
+
+# --------------------------------------------------------------------------------------
+# the packed batch and the packed backbone
+# --------------------------------------------------------------------------------------
+
+
+def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """The token trie of a right-padded batch (S, L): ``flr_pack_ids``, ``_positions``,
+    ``_subtree_end`` (T,) and ``flr_pack_node`` (S, L): the trie node of each token (0 on
+    padding, which TRL's labels mask out)."""
+    from flr_engine.engine.packer import pack_sequences
+
+    lengths = attention_mask.sum(1)
+    if not torch.equal(
+        attention_mask.bool(), torch.arange(attention_mask.shape[1]) < lengths[:, None]
+    ):
+        raise ValueError("the packed forward needs right-padded rows (attention_mask 1...1 0...0)")
+    lengths = lengths.tolist()
+    seqs = [row[:n].tolist() for row, n in zip(input_ids, lengths)]
+    res = pack_sequences(seqs, token_budget=max(sum(lengths), 1))
+    pack = res.packs[0]  # the budget holds every token: one pack
+    node = torch.zeros_like(input_ids, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        node[i, :n] = res.nodes_of(i)
+    return {"flr_pack_ids": pack.input_ids, "flr_pack_positions": pack.position_ids,
+            "flr_pack_subtree_end": pack.subtree_end, "flr_pack_node": node}  # fmt: skip
+
+
+class PackedPreferenceCollator:
+    """TRL's ``DataCollatorForPreference`` output plus :func:`pack_batch` of it."""
+
+    def __init__(self, **kwargs):
+        from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+        self.inner = DataCollatorForPreference(**kwargs)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.inner(examples)
+        return {**batch, **pack_batch(batch["input_ids"], batch["attention_mask"])}
+
+
+def backbone_of(model):
+    """The transformer body the causal LM's forward calls (``model.base_model``), under a
+    peft wrapper too."""
+    from flr_engine.engine.forward import base_model
+
+    base = base_model(model)
+    return base.base_model
+
+
+def add_packed_backbone(model, attn_impl: str = "auto") -> None:
+    """Patch ``model``'s backbone so that a call carrying the :data:`PACK_KEYS` runs the
+    packed trie (see the module docstring); any other call is the original forward.
+    Idempotent. Call it on the policy before TRL wraps it (peft keeps the backbone object)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    from flr_engine.engine.attention import TreeContext, packed_forward, route_tree_attention
+
+    body = backbone_of(model)
+    if getattr(body.forward, "_flr_packed", False):
+        return
+    original = body.forward
+
+    def forward(self, *args, flr_pack_ids=None, flr_pack_positions=None,
+                flr_pack_subtree_end=None, flr_pack_node=None, **kwargs):  # fmt: skip
+        if flr_pack_node is None:
+            return original(*args, **kwargs)
+        if args:
+            raise TypeError("the packed forward takes keyword arguments only")
+        for k in ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "cache_position"):
+            kwargs.pop(k, None)
+        kwargs["use_cache"] = False
+        route_tree_attention(self)  # once per model; a no-op when routed
+        ctx = TreeContext(flr_pack_subtree_end, flr_pack_positions, impl=attn_impl)
+        with packed_forward():
+            out = original(input_ids=flr_pack_ids[None], position_ids=flr_pack_positions[None],
+                           flr_tree=ctx, **kwargs)  # fmt: skip
+        hidden = out.last_hidden_state[0]  # (T, H)
+        return BaseModelOutputWithPast(last_hidden_state=hidden[flr_pack_node])  # (S, L, H)
+
+    forward._flr_packed = True
+    body.forward = types.MethodType(forward, body)
+
+
+# --------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _trainer_class():
+    from trl import DPOTrainer
+
+    class FLRDPOTrainer(DPOTrainer):
+        """``trl.DPOTrainer`` with the engine's packed forward (see :mod:`flr_engine.dpo`).
+        The same arguments; ``model`` must be a causal LM instance; ``train_dataset`` rows
+        either TRL's (text or conversational, tokenised by TRL) or pre-tokenised
+        (``prompt_ids``, ``chosen_ids``, ``rejected_ids``: :func:`pairs_dataset`).
+        ``attn_impl``: the tree attention ("auto": the differentiable torch path when
+        training, Triton for a no-grad forward on CUDA)."""
+
+        def __init__(self, model, ref_model=None, args=None, data_collator=None,
+                     train_dataset=None, eval_dataset=None, processing_class=None,
+                     attn_impl: str = "auto", **kwargs):  # fmt: skip
+            if isinstance(model, str):
+                raise TypeError("FLRDPOTrainer needs a model instance (load it first)")
+            if args is None or processing_class is None:
+                raise ValueError("FLRDPOTrainer needs args (a trl.DPOConfig) and processing_class")
+            add_packed_backbone(model, attn_impl)
+            if ref_model is not None:
+                add_packed_backbone(ref_model, attn_impl)
+            self._flr_attn_impl = attn_impl
+            if data_collator is None:
+                tok = getattr(processing_class, "tokenizer", processing_class)
+                if tok.pad_token is None:
+                    tok.pad_token = tok.eos_token
+                data_collator = PackedPreferenceCollator(
+                    pad_token_id=tok.pad_token_id, max_length=args.max_length,
+                    truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of,
+                )  # fmt: skip
+            super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
+                             train_dataset=train_dataset, eval_dataset=eval_dataset,
+                             processing_class=processing_class, **kwargs)  # fmt: skip
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            first = next(iter(dataset))
+            if "prompt_ids" in first and "prompt" not in first:  # pre-tokenised: TRL's columns
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+        def _packed_models(self) -> None:
+            # a reference model TRL built itself (no precompute, or FSDP) is packed too
+            if self.ref_model is not None:
+                add_packed_backbone(self.accelerator.unwrap_model(self.ref_model),
+                                    self._flr_attn_impl)  # fmt: skip
+
+        def compute_ref_log_probs(self, model, inputs):
+            self._packed_models()
+            return super().compute_ref_log_probs(model, inputs)
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            self._packed_models()
+            return super()._compute_loss(model, inputs, return_outputs)
+
+    FLRDPOTrainer.__module__ = __name__
+    return FLRDPOTrainer
+
+
+def __getattr__(name: str):
+    if name == "FLRDPOTrainer":  # built on first use: importing this module does not import TRL
+        return _trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
