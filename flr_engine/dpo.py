@@ -428,7 +428,8 @@ def run_dpo(
     from accelerate import PartialState
 
     out = args.output_dir
-    state = PartialState()
+    # the TrainingArguments' process state (its use_cpu decides gloo on CPUs)
+    state = getattr(args, "distributed_state", None) or PartialState()
     lock, ckpt = None, None
     with state.main_process_first():  # the main process checks and clears the folder first
         if state.is_main_process:

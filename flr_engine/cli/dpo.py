@@ -31,6 +31,7 @@ DPO_EXAMPLES = """examples:
 flr's defaults that differ from trl.DPOConfig's (each can be set like any flag):
   --precompute_ref_log_probs true (the reference is the initial policy, computed once)
   --bf16 false (fp32 unless asked)  --gradient_checkpointing false  --save_total_limit 2
+  --use_cpu true where there is no CUDA (a torchrun on CPUs then trains over gloo)
 
 pair rows: as written by `flr mine` (TRL format), or {"context", "chosen", "rejected"}
 (../shared/data pairwise), TRL implicit-prompt rows, HH transcripts. Ties and pairs whose
@@ -58,9 +59,6 @@ class DPOArguments:
         default="float32",
         metadata={"help": "weights dtype", "choices": ["float32", "bfloat16", "float16"]},
     )
-    device: str = field(
-        default="auto", metadata={"help": "auto (CUDA when there is one, else cpu), cpu, cuda"}
-    )
     chat_template: str = field(
         default=None, metadata={"help": "file with a Jinja chat template (for models without one)"}
     )
@@ -79,6 +77,12 @@ class DPOArguments:
             "choices": ["auto", "torch", "triton", "dense"],
         },
     )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _no_checkpointing(config_cls) -> dict:
@@ -117,7 +121,8 @@ def parser():
         epilog=DPO_EXAMPLES,
         formatter_class=RAW,
     )
-    parse.set_defaults(**FLR_DEFAULTS, **_no_checkpointing(DPOConfig))
+    # on a machine without CUDA say so before TrainingArguments sets up the (gloo) process group
+    parse.set_defaults(**FLR_DEFAULTS, **_no_checkpointing(DPOConfig), use_cpu=not _cuda())
     return parse
 
 
@@ -149,10 +154,9 @@ def cmd_dpo(args) -> int:
         log.info("%s: skipped %d tie / identical pairs of %d rows", flr_args.pairs, ties, rows)
     template = read_chat_template(flr_args.chat_template)
     t0 = time.time()
-    lm = load(flr_args.policy, dtype=flr_args.dtype, device=flr_args.device, chat_template=template)
+    # loaded on the CPU: the Trainer places it (each rank on its own device)
+    lm = load(flr_args.policy, dtype=flr_args.dtype, device="cpu", chat_template=template)
     require_chat_template(lm.tokenizer, f"the policy {flr_args.policy!r}")
-    if lm.model.device.type == "cpu":
-        cfg.use_cpu = True
     max_len = cfg.max_length or getattr(lm.model.config, "max_position_embeddings", None)
     pairs = encode_pairs(lm.tokenizer, items, max_len, path=flr_args.pairs)
     log.info("policy loaded and %d pairs encoded in %.1fs", len(pairs), time.time() - t0)
