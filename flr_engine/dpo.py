@@ -9,25 +9,27 @@ TRL computes every sequence log-prob -- the policy's, and the reference's when
 ``precompute_ref_log_probs`` computes them once before training -- with one call of the
 model's own forward, ``model(input_ids, attention_mask, labels=..., fused_lm_head=True)``:
 TRL patches that forward (``trl.trainer.utils.add_fused_lm_head``) to run the backbone and
-then the LM head, in chunks, on the completion positions only (log-probs with a backward,
-never the (tokens, vocab) logits). The engine changes the backbone's part:
+then the LM head in chunks (log-probs with a backward, never the (tokens, vocab) logits;
+also the entropy, mean logit and top-1 hit its metrics log). The engine changes two things:
 
 * :class:`PackedPreferenceCollator` gives TRL's padded batch (B chosen rows, then B rejected
   rows) plus the batch's token trie (:mod:`flr_engine.engine.packer`): the tokens chosen and
   rejected share -- the prompt, and any common start of the replies -- are one node each, and
   there is no padding;
-* the backbone's forward (patched by :func:`add_packed_backbone`) runs that trie, (1, T)
-  unique tokens, with tree attention at position = depth
-  (:mod:`flr_engine.engine.attention`; exact: every token sees exactly its own sequence's
-  earlier tokens), and returns the hidden states laid out as the padded batch (each row reads
-  its tokens' trie nodes; the gather's backward sums the gradients of shared nodes).
+* the backbone (:func:`add_packed_backbone`) runs that trie, (1, T) unique tokens, with tree
+  attention at position = depth (:mod:`flr_engine.engine.attention`; exact: every token sees
+  exactly its own sequence's earlier tokens), and the forward (:func:`add_packed_head`, a
+  wrapper of TRL's) hands TRL's fused head only the M trie nodes that predict a completion
+  token, then scatters its per-token outputs back to the padded layout TRL's loss reads
+  (TRL's own head, off CUDA, scores every padded position, prompt and padding included).
 
-TRL's fused LM head, loss and metrics then run unchanged on those hidden states, so the
-result is plain ``DPOTrainer``'s up to float rounding (tested: log-probs, loss, parameters
-after training steps, 1 vs 2 DDP ranks). The backbone runs inside the model's forward call
-and the LM head inside TRL's patched forward, so DDP, FSDP and DeepSpeed see every parameter
-as with plain TRL (the engine reads no weight past the wrapper). The gain: each pair's prompt
-is computed once instead of twice, and no padding is computed (``benches/bench_dpo.py``).
+TRL's head, loss, metrics and optimizer then run unchanged, so the result is plain
+``DPOTrainer``'s up to float rounding (tested: log-probs and gradients, losses and metrics,
+parameters after training steps, 1 vs 2 DDP ranks). The backbone runs inside the model's
+forward call and the LM head inside TRL's patched forward, so DDP, FSDP and DeepSpeed see
+every parameter as with plain TRL (the engine reads no weight past the wrapper). The gain:
+each pair's prompt is computed once instead of twice, no padding is computed, and the head
+scores completion tokens only (``benches/bench_dpo.py``).
 
 Input rows: the formats of :mod:`flr_engine.evaluation.data` (TRL preference rows as written
 by ``flr mine``, the project's pairwise files, TRL implicit-prompt rows, HH transcripts),
@@ -241,8 +243,9 @@ def backbone_of(model):
 
 def add_packed_backbone(model, attn_impl: str = "auto") -> None:
     """Patch ``model``'s backbone so that a call carrying the :data:`PACK_KEYS` runs the
-    packed trie (see the module docstring); any other call is the original forward.
-    Idempotent. Call it on the policy before TRL wraps it (peft keeps the backbone object)."""
+    packed trie and returns its hidden states in the padded layout (S, L, H) -- or, given
+    ``flr_pack_rows`` (M,), only those trie nodes, (1, M, H); any other call is the original
+    forward. Idempotent. Call it before TRL wraps the model (peft keeps the backbone object)."""
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     from flr_engine.engine.attention import TreeContext, packed_forward, route_tree_attention
@@ -253,7 +256,7 @@ def add_packed_backbone(model, attn_impl: str = "auto") -> None:
     original = body.forward
 
     def forward(self, *args, flr_pack_ids=None, flr_pack_positions=None,
-                flr_pack_subtree_end=None, flr_pack_node=None, **kwargs):  # fmt: skip
+                flr_pack_subtree_end=None, flr_pack_node=None, flr_pack_rows=None, **kwargs):  # fmt: skip
         if flr_pack_node is None:
             return original(*args, **kwargs)
         if args:
@@ -267,10 +270,60 @@ def add_packed_backbone(model, attn_impl: str = "auto") -> None:
             out = original(input_ids=flr_pack_ids[None], position_ids=flr_pack_positions[None],
                            flr_tree=ctx, **kwargs)  # fmt: skip
         hidden = out.last_hidden_state[0]  # (T, H)
+        if flr_pack_rows is not None:
+            return BaseModelOutputWithPast(last_hidden_state=hidden[flr_pack_rows][None])
         return BaseModelOutputWithPast(last_hidden_state=hidden[flr_pack_node])  # (S, L, H)
 
     forward._flr_packed = True
     body.forward = types.MethodType(forward, body)
+
+
+def add_packed_head(model) -> None:
+    """Wrap the forward TRL's ``add_fused_lm_head`` gave ``model`` so that a packed call
+    (``fused_lm_head=True`` with the :data:`PACK_KEYS` and ``labels``) scores only the trie
+    nodes that predict a completion token: TRL's fused head runs on those M rows (passed as
+    ``shift_labels``, one row each), and its per-token outputs are scattered back to the
+    padded (S, L - 1) layout TRL's loss reads. Without it TRL's head would score every padded
+    position on devices where it does not compact (the CPU). A call it does not handle (no
+    pack, MoE router logits) goes to TRL's forward unchanged. Idempotent."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    from flr_engine.engine.forward import base_model
+
+    base = base_model(model)
+    prev = base.forward
+    if getattr(prev, "_flr_packed_head", False):
+        return
+
+    def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
+        node = kwargs.get("flr_pack_node")
+        if (not fused_lm_head or node is None or labels is None or args
+                or kwargs.get("output_router_logits") or "shift_labels" in kwargs):  # fmt: skip
+            return prev(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        shifted = labels[:, 1:]
+        mask = shifted != -100  # (S, L - 1): the positions TRL scores
+        rows = node[:, :-1][mask]  # (M,) the trie node that predicts each scored token
+        out = prev(fused_lm_head=True, shift_labels=shifted[mask][None], flr_pack_rows=rows,
+                   **kwargs)  # fmt: skip
+        fields = {}
+        for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"):
+            x = getattr(out, name)
+            fields[name] = None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x[0])
+        return FusedCausalLMOutput(loss=out.loss, label_mask=mask, aux_loss=out.aux_loss, **fields)
+
+    forward._flr_packed_head = True
+    base.forward = types.MethodType(forward, base)
+
+
+def add_packed_forward(model, attn_impl: str = "auto") -> None:
+    """:func:`add_packed_backbone`, and :func:`add_packed_head` once TRL's fused head is on
+    ``model``."""
+    from flr_engine.engine.forward import base_model
+
+    add_packed_backbone(model, attn_impl)
+    fwd = getattr(base_model(model).forward, "__func__", None)
+    if getattr(getattr(fwd, "__code__", None), "co_name", "") == "_fused_forward":  # TRL's
+        add_packed_head(model)
 
 
 # --------------------------------------------------------------------------------------
@@ -320,10 +373,11 @@ def _trainer_class():
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
         def _packed_models(self) -> None:
-            # a reference model TRL built itself (no precompute, or FSDP) is packed too
-            if self.ref_model is not None:
-                add_packed_backbone(self.accelerator.unwrap_model(self.ref_model),
-                                    self._flr_attn_impl)  # fmt: skip
+            # after TRL's fused head is on (it is added late in DPOTrainer.__init__, before the
+            # reference precompute); a reference model TRL built itself is packed too
+            for m in (self.model, self.ref_model):
+                if m is not None:
+                    add_packed_forward(self.accelerator.unwrap_model(m), self._flr_attn_impl)
 
         def compute_ref_log_probs(self, model, inputs):
             self._packed_models()

@@ -86,7 +86,7 @@ def packed_vs_padded(model, vocab: int, device: str = "cpu"):
     gradient of every parameter under a non-trivial downstream loss)."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from flr_engine.dpo import PackedPreferenceCollator, add_packed_backbone
+    from flr_engine.dpo import PackedPreferenceCollator, add_packed_forward
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (37,), generator=g).tolist()
@@ -94,7 +94,7 @@ def packed_vs_padded(model, vocab: int, device: str = "cpu"):
              "rejected_ids": torch.randint(0, vocab, (m,), generator=g).tolist()}
             for n, m in ((11, 5), (23, 17), (3, 29))]  # fmt: skip
     add_fused_lm_head(model)
-    add_packed_backbone(model)
+    add_packed_forward(model)
     batch = {k: v.to(device) for k, v in PackedPreferenceCollator(pad_token_id=0)(rows).items()}
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     mask = batch["completion_mask"][:, 1:].bool()
@@ -148,9 +148,10 @@ def trl_rows(pairs=PAIRS):
 @pytest.mark.parametrize("arch, family", [("llama", "chatml"), ("gemma2", "gemma")])
 def test_flr_trainer_matches_trl_dpo_trainer(tmp_path, monkeypatch, arch, family):
     """The same rows, model and settings through trl.DPOTrainer and FLRDPOTrainer: the
-    precomputed reference log-probs, every logged loss / log-prob / margin, and every
-    parameter after 3 optimizer steps agree to float rounding; the packed forward ran (each
-    batch a trie with fewer unique tokens than its rows hold)."""
+    precomputed reference log-probs, every logged loss / log-prob / margin (and TRL's other
+    metrics: entropy, mean logits, token accuracy), and every parameter after 3 optimizer
+    steps agree to float rounding; the packed forward ran (each batch a trie with fewer unique
+    tokens than its rows hold)."""
     from datasets import Dataset
     from tiny import make_model, make_tokenizer
     from trl import DPOTrainer
@@ -173,7 +174,10 @@ def test_flr_trainer_matches_trl_dpo_trainer(tmp_path, monkeypatch, arch, family
         ds = tr.train_dataset
         ref = torch.tensor([ds["ref_chosen_logps"], ds["ref_rejected_logps"]])
         tr.train()
-        logs = [{k: v for k, v in h.items() if k.startswith(("loss", "logps/", "rewards/"))}
+        if name == "flr":  # TRL's head scored only the trie's completion rows
+            assert model.forward._flr_packed_head
+        logs = [{k: v for k, v in h.items() if k.startswith(("loss", "logps/", "rewards/",
+                                                              "entropy", "logits/", "mean_token"))}
                 for h in tr.state.log_history if "loss" in h]  # fmt: skip
         runs[name] = ref, dict(model.named_parameters()), logs
     (ref_a, par_a, logs_a), (ref_b, par_b, logs_b) = runs["trl"], runs["flr"]
