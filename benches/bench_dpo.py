@@ -8,7 +8,12 @@ pairs per optimizer step, reference log-probs precomputed (not timed), AdamW.
 * ``trl``: ``trl.DPOTrainer``: chosen and rejected rows right-padded in one (2B, L) batch
   through the model; TRL's fused LM head on the completion positions.
 * ``flr``: ``FLRDPOTrainer``: the batch's token trie through the backbone (each prompt once,
-  no padding, tree attention), then the same TRL fused LM head, loss and optimizer.
+  no padding, tree attention), then the same TRL fused LM head on the completion-predicting
+  rows only, loss and optimizer.
+* ``flr-trie``: ``FLRDPOTrainer`` with TRL's head left as it is (``add_packed_head`` off):
+  the trie's gain alone. Off CUDA TRL's head scores every padded position, prompt and
+  padding included (on CUDA it scores completion positions only, like ``flr``), so on the
+  CPU ``trl / flr-trie`` is the gain of packing and ``flr-trie / flr`` that of the head.
 
 Both get the pre-tokenised rows (``trl`` through a subclass that only skips TRL's
 tokenisation; every computation is TRL's). Each variant runs in a fresh subprocess: one
@@ -145,7 +150,11 @@ def child(opts: dict) -> dict:
                 self.peak = (hwm if hwm is not None else resource.getrusage(
                     resource.RUSAGE_SELF).ru_maxrss) * 1024  # fmt: skip
 
-    cls = FLRDPOTrainer if opts["variant"] == "flr" else PlainDPOTrainer
+    if opts["variant"] == "flr-trie":
+        import flr_engine.dpo as dpo
+
+        dpo.add_packed_head = lambda model: None
+    cls = PlainDPOTrainer if opts["variant"] == "trl" else FLRDPOTrainer
     meter = Meter()
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(
@@ -181,38 +190,44 @@ def run(variant: str, **opts) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def compare(**opts) -> tuple[dict, dict]:
-    """(trl, flr) results of the same case, and their agreement checked."""
-    trl, flr = run("trl", **opts), run("flr", **opts)
-    assert abs(trl["first_loss"] - flr["first_loss"]) < 1e-4, (trl, flr)
-    assert abs(trl["last_loss"] - flr["last_loss"]) < 1e-3 * max(1.0, abs(trl["last_loss"])), (
-        trl,
-        flr,
-    )
-    return trl, flr
+VARIANTS = ("trl", "flr-trie", "flr")
 
 
-def table(cases: list[tuple[dict, dict, dict]]) -> str:
-    lines = [
-        "| case | TRL DPOTrainer s/step | flr dpo s/step | speed-up | TRL peak MiB | flr peak MiB | memory ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for opts, trl, flr in cases:
+def compare(variants=VARIANTS, **opts) -> dict[str, dict]:
+    """Each variant's result on the same case, their losses checked against TRL's."""
+    res = {v: run(v, **opts) for v in variants}
+    trl = res["trl"]
+    for v, r in res.items():
+        assert abs(r["first_loss"] - trl["first_loss"]) < 1e-4, (v, r, trl)
+        tol = 1e-3 * max(1.0, abs(trl["last_loss"]))
+        assert abs(r["last_loss"] - trl["last_loss"]) < tol, (v, r, trl)
+    return res
+
+
+def table(cases: list[tuple[dict, dict]]) -> str:
+    """Seconds per step (speed-up over TRL), peak MiB over the resident (TRL's / this)."""
+    variants = list(cases[0][1])
+    head = " | ".join(f"{v} s/step | {v} peak MiB" for v in variants)
+    lines = [f"| case | {head} |", "|---|" + "---:|" * (2 * len(variants))]
+    for opts, res in cases:
         case = f"{opts['pairs']} pairs x ({opts['prompt']} + {opts['reply']}), {opts['device']}"
-        lines.append(
-            f"| {case} | {trl['step_s']:.3f} | {flr['step_s']:.3f} | "
-            f"{trl['step_s'] / flr['step_s']:.2f}x | {trl['peak_mib']:.0f} | {flr['peak_mib']:.0f} | "
-            f"{trl['peak_mib'] / max(flr['peak_mib'], 1.0):.2f}x |"
-        )
+        trl, cells = res["trl"], []
+        for v in variants:
+            r = res[v]
+            speed = "" if v == "trl" else f" ({trl['step_s'] / r['step_s']:.2f}x)"
+            mem = "" if v == "trl" else f" ({trl['peak_mib'] / max(r['peak_mib'], 1.0):.2f}x)"
+            cells += [f"{r['step_s']:.2f}{speed}", f"{r['peak_mib']:.0f}{mem}"]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def test_bench_dpo_trainer():
-    """A small case: both variants run, agree on the losses, and report time and memory."""
+    """A small case: every variant runs, agrees with TRL on the losses, and reports time and
+    memory."""
     opts = dict(device="cpu", threads=1, pairs=2, prompt=64, reply=32, steps=2)
-    trl, flr = compare(**opts)
-    print("\n" + table([(opts, trl, flr)]))
-    assert trl["step_s"] > 0 and flr["step_s"] > 0
+    res = compare(**opts)
+    print("\n" + table([(opts, res)]))
+    assert all(r["step_s"] > 0 for r in res.values())
 
 
 def main(argv=None) -> None:
@@ -230,9 +245,9 @@ def main(argv=None) -> None:
     for prompt in a.prompt:
         opts = dict(device=a.device, threads=a.threads, pairs=a.pairs, prompt=prompt,
                     reply=a.reply, steps=a.steps)  # fmt: skip
-        trl, flr = compare(**opts)
-        cases.append((opts, trl, flr))
-        print(json.dumps({"opts": opts, "trl": trl, "flr": flr}), file=sys.stderr)
+        res = compare(**opts)
+        cases.append((opts, res))
+        print(json.dumps({"opts": opts, **res}), file=sys.stderr)
     print(f"random Llama h={HIDDEN} L={LAYERS} V={VOCAB}, fp32, {a.threads} thread(s); "
           f"median of {a.steps} steps after 1 warm-up")  # fmt: skip
     print(table(cases))

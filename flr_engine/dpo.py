@@ -387,7 +387,7 @@ def _trainer_class():
             self._packed_models()
             return super()._compute_loss(model, inputs, return_outputs)
 
-    FLRDPOTrainer.__module__ = __name__
+    FLRDPOTrainer.__module__, FLRDPOTrainer.__qualname__ = __name__, "FLRDPOTrainer"
     return FLRDPOTrainer
 
 
