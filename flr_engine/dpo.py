@@ -42,6 +42,7 @@ counted; a bad row raises ``file:line: field 'f': message``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -55,7 +56,7 @@ import torch
 from flr_engine.chat import InputError
 from flr_engine.control import encode_chat
 from flr_engine.errors import ConfigError, MissingFileError
-from flr_engine.io import RowError, lock_exclusive
+from flr_engine.io import RowError, atomic_write_text, lock_exclusive
 
 log = logging.getLogger(__name__)
 
@@ -437,24 +438,64 @@ def last_checkpoint(out_dir: str) -> str | None:
     return max(found)[1] if found else None
 
 
-def _check_out(out_dir: str, resume: str | None, overwrite: bool) -> str | None:
-    """Refuse to train over an earlier run unless resumed or overwritten; return the
-    checkpoint to resume from. ``resume``: a checkpoint folder, or "last" / "true" (the newest
-    finished one in ``out_dir``; none yet: a fresh start)."""
-    earlier = last_checkpoint(out_dir) or (
-        os.path.isdir(out_dir) and os.path.exists(os.path.join(out_dir, PAIRS_FOLDER))
+RUN_FILE = "flr_dpo_run.json"  # what the run computes: a resume must compute the same
+# trl.DPOConfig fields that change the result (logging, saving, paths may change on a resume)
+RESULT_FIELDS = (
+    "beta", "loss_type", "loss_weights", "label_smoothing", "ld_alpha", "f_divergence_type",
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay",
+    "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+    "max_steps", "seed", "data_seed", "max_length", "truncation_mode", "bf16", "fp16",
+    "precompute_ref_log_probs", "world_size",
+)  # fmt: skip
+
+
+def run_identity(args, pairs: list[EncodedPair], settings: dict | None = None) -> dict:
+    """The settings and data a resumed run must share with the first: the result fields of
+    ``args``, the caller's ``settings`` (model, LoRA, ...) and a hash of the tokenised pairs."""
+    rows = json.dumps(pairs_rows(pairs)).encode()
+    training = {k: getattr(args, k, None) for k in RESULT_FIELDS}
+    return json.loads(json.dumps({
+        "pairs_sha256": hashlib.sha256(rows).hexdigest(), "settings": settings or {},
+        "training": training,
+    }, default=str))  # fmt: skip
+
+
+def _check_out(out_dir: str, resume: str | None, overwrite: bool, identity: dict) -> str | None:
+    """(main process) Refuse to train over an earlier run unless resumed with the same
+    identity (:func:`run_identity`) or overwritten; return the checkpoint to resume from."""
+    run_file = os.path.join(out_dir, RUN_FILE)
+    earlier = last_checkpoint(out_dir) or any(
+        os.path.exists(os.path.join(out_dir, name)) for name in (PAIRS_FOLDER, RUN_FILE)
     )
     if overwrite:
-        for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        for name in os.listdir(out_dir):
             if name.startswith("checkpoint-") or name == PAIRS_FOLDER:
                 shutil.rmtree(os.path.join(out_dir, name))
-        return None
+    elif earlier and resume is None:
+        raise ConfigError(
+            f"{out_dir} already holds a DPO run: pass --resume_from_checkpoint last to "
+            "continue it or --overwrite to start over"
+        )
+    elif earlier and os.path.exists(run_file):
+        with open(run_file, encoding="utf-8") as fh:
+            old = json.load(fh)
+        diff = [f"{k}: {old[g].get(k)!r} -> {identity[g].get(k)!r}"
+                for g in ("settings", "training") for k in identity[g]
+                if old.get(g, {}).get(k) != identity[g][k]]  # fmt: skip
+        if old.get("pairs_sha256") != identity["pairs_sha256"]:
+            diff.insert(0, "the pairs (or their tokenisation) changed")
+        if diff:
+            raise ConfigError(f"{out_dir} was trained with other settings ({'; '.join(diff)}); "
+                              "cannot resume (--overwrite starts over)")  # fmt: skip
+    atomic_write_text(run_file, json.dumps(identity, indent=1, sort_keys=True))
+    return None if overwrite else _resume_point(out_dir, resume)
+
+
+def _resume_point(out_dir: str, resume: str | None) -> str | None:
+    """``resume``: a checkpoint folder, or "last" / "true": the newest finished one in
+    ``out_dir`` (none yet: a fresh start)."""
     if resume is None:
-        if earlier:
-            raise ConfigError(
-                f"{out_dir} already holds a DPO run: pass --resume_from_checkpoint last to "
-                "continue it or --overwrite to start over"
-            )
         return None
     if str(resume).lower() in ("last", "true"):
         return last_checkpoint(out_dir)
@@ -473,12 +514,15 @@ def run_dpo(
     resume: str | None = None,
     overwrite: bool = False,
     skipped_ties: int = 0,
+    settings: dict | None = None,
     callbacks=None,
 ) -> DPORun:
     """Train ``model`` with :class:`FLRDPOTrainer` on ``pairs`` under ``args`` (a
     ``trl.DPOConfig``; ``args.output_dir`` is the run folder) and save the final model (LoRA
-    merged) and tokenizer there as a plain transformers folder. ``resume``: see
-    :func:`_check_out`. One run per folder: a second is refused while one holds it."""
+    merged) and tokenizer there as a plain transformers folder. ``resume``: a checkpoint
+    folder or "last"; a folder that holds a run is refused unless resumed with the same
+    settings (``args``' result fields, ``settings``, the pairs: :func:`run_identity`) or
+    ``overwrite``. One run per folder: a second is refused while one holds it."""
     from accelerate import PartialState
 
     out = args.output_dir
@@ -489,9 +533,9 @@ def run_dpo(
         if state.is_main_process:
             os.makedirs(out, exist_ok=True)
             lock = lock_exclusive(os.path.join(os.path.realpath(out), "run"))
-            ckpt = _check_out(out, resume, overwrite)
-        elif resume is not None:
-            ckpt = _check_out(out, resume, False)
+            ckpt = _check_out(out, resume, overwrite, run_identity(args, pairs, settings))
+        elif not overwrite:
+            ckpt = _resume_point(out, resume)
     try:
         t0 = time.time()
         start = 0

@@ -286,6 +286,11 @@ def test_resume_from_checkpoint_gives_the_same_parameters(tmp_path, tiny_model_d
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
     la, lb = logged(tmp_path / "a" / "checkpoint-4"), logged(tmp_path / "b" / "checkpoint-4")
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], abs=1e-6)
+    # a resume that would compute something else is refused, naming the difference
+    lm = load(str(tiny_model_dir))
+    with pytest.raises(ValueError, match="other settings .*learning_rate: 0.001 -> 0.002"):
+        run_dpo(lm.model, lm.tokenizer, encode_pairs(lm.tokenizer, items),
+                trl_args(tmp_path / "b", learning_rate=2e-3), resume="last")  # fmt: skip
 
 
 def test_lora_trains_and_saves_a_merged_plain_model(tmp_path, tiny_model_dir):

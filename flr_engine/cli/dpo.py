@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from flr_engine.cli.args import RAW, read_chat_template
+from flr_engine.cli.args import RAW, read_chat_template, template_hash
 
 log = logging.getLogger("flr_engine")
 
@@ -168,9 +168,13 @@ def cmd_dpo(args) -> int:
             r=flr_args.lora_r, lora_alpha=flr_args.lora_alpha, lora_dropout=flr_args.lora_dropout,
             target_modules="all-linear", task_type="CAUSAL_LM",
         )  # fmt: skip
+    settings = {"policy": flr_args.policy, "pairs": flr_args.pairs, "dtype": flr_args.dtype,
+                "chat_template": template_hash(template), "lora_r": flr_args.lora_r,
+                "lora_alpha": flr_args.lora_alpha, "lora_dropout": flr_args.lora_dropout}  # fmt: skip
     res = run_dpo(
         lm.model, lm.tokenizer, pairs, cfg, peft_config=peft_config,
         resume=cfg.resume_from_checkpoint, overwrite=flr_args.overwrite, skipped_ties=ties,
+        settings=settings,
     )  # fmt: skip
     summary = (
         f"{res.steps - res.start_step} steps ({res.start_step} done before) on {res.pairs} pairs "
