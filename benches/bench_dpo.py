@@ -25,6 +25,7 @@ The first logged loss of both (policy == reference: log 2) and the loss after th
 compared. Run::
 
     python benches/bench_dpo.py                       # the README table (CPU, 1 thread)
+    python benches/bench_dpo.py --hidden 512 --layers 12 --prompt 512   # a deeper model
     python benches/bench_dpo.py --device cuda --pairs 8 --prompt 1024 --reply 256
     pytest benches/bench_dpo.py --benchmark-enable    # a small case, both variants
 """
@@ -48,14 +49,15 @@ print(json.dumps(child(json.loads(sys.argv[2]))))
 """
 
 
-def make_model(device: str):
+def make_model(device: str, hidden: int = HIDDEN, layers: int = LAYERS):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=688, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 688 // 256,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=4096,
         pad_token_id=0, eos_token_id=1, bos_token_id=None,
     )  # fmt: skip
     return LlamaForCausalLM(cfg).to(device)
@@ -164,7 +166,8 @@ def child(opts: dict) -> dict:
             max_length=None, seed=0, **_no_checkpointing(DPOConfig),
         )  # fmt: skip
         rows = make_rows(opts["pairs"] * (1 + opts["steps"]), opts["prompt"], opts["reply"])
-        trainer = cls(make_model(dev), args=args, train_dataset=Dataset.from_list(rows),
+        model = make_model(dev, opts.get("hidden", HIDDEN), opts.get("layers", LAYERS))
+        trainer = cls(model, args=args, train_dataset=Dataset.from_list(rows),
                       processing_class=_tokenizer(), callbacks=[meter])  # fmt: skip
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -210,7 +213,8 @@ def table(cases: list[tuple[dict, dict]]) -> str:
     head = " | ".join(f"{v} s/step | {v} peak MiB" for v in variants)
     lines = [f"| case | {head} |", "|---|" + "---:|" * (2 * len(variants))]
     for opts, res in cases:
-        case = f"{opts['pairs']} pairs x ({opts['prompt']} + {opts['reply']}), {opts['device']}"
+        case = (f"h={opts.get('hidden', HIDDEN)} L={opts.get('layers', LAYERS)}: {opts['pairs']} "
+                f"pairs x ({opts['prompt']} + {opts['reply']}), {opts['device']}")  # fmt: skip
         trl, cells = res["trl"], []
         for v in variants:
             r = res[v]
@@ -240,15 +244,18 @@ def main(argv=None) -> None:
     )
     p.add_argument("--reply", type=int, default=128, help="tokens per reply")
     p.add_argument("--steps", type=int, default=3, help="measured steps (after one warm-up)")
+    p.add_argument("--hidden", type=int, default=HIDDEN, help="model width (MLP: 2.69x)")
+    p.add_argument("--layers", type=int, default=LAYERS, help="decoder layers")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     a = p.parse_args(argv)
     cases = []
     for prompt in a.prompt:
         opts = dict(device=a.device, threads=a.threads, pairs=a.pairs, prompt=prompt,
-                    reply=a.reply, steps=a.steps)  # fmt: skip
-        res = compare(**opts)
+                    reply=a.reply, steps=a.steps, hidden=a.hidden, layers=a.layers)  # fmt: skip
+        res = compare(a.variants, **opts)
         cases.append((opts, res))
         print(json.dumps({"opts": opts, **res}), file=sys.stderr)
-    print(f"random Llama h={HIDDEN} L={LAYERS} V={VOCAB}, fp32, {a.threads} thread(s); "
+    print(f"random Llama, V={VOCAB}, fp32, {a.threads} thread(s); "
           f"median of {a.steps} steps after 1 warm-up")  # fmt: skip
     print(table(cases))
 
