@@ -27,8 +27,10 @@ cat "$OUT/pairs.shard0.jsonl" "$OUT/pairs.shard1.jsonl" > "$OUT/pairs.jsonl"
 # 2. DPO: full fine-tune, sigmoid loss, beta 0.1, 2 epochs of 8 pairs per step
 log "dpo"
 [ -f "$OUT/tuned/model.safetensors" ] ||
-  OMP_NUM_THREADS=2 flr -q dpo --policy default --pairs "$OUT/pairs.jsonl" --out "$OUT/tuned" \
-      --beta 0.1 --lr 2e-5 --epochs 2 --batch-size 2 --grad-accum 4 --resume
+  OMP_NUM_THREADS=2 flr -q dpo --policy default --pairs "$OUT/pairs.jsonl" --output_dir "$OUT/tuned" \
+      --beta 0.1 --learning_rate 2e-5 --num_train_epochs 2 --per_device_train_batch_size 2 \
+      --gradient_accumulation_steps 4 --lr_scheduler_type linear --warmup_steps 0.1 \
+      --save_steps 25 --resume_from_checkpoint last
 
 # 3. greedy replies of both policies to the 50 held-out prompts (fp32)
 log "generate"

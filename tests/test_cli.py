@@ -200,7 +200,7 @@ def test_errors_share_one_base_class():
     [
         (["mine", "--prompts", "{inp}", "--out", "{tmp}/o.jsonl", "--num-samples", "1"],
          "num_samples must be >= 2"),
-        (["dpo", "--pairs", "{tmp}/none.jsonl", "--out", "{tmp}/run"], "does not exist"),
+        (["dpo", "--pairs", "{tmp}/none.jsonl", "--output_dir", "{tmp}/run"], "does not exist"),
         (["score", "--input", "{inp}", "--output", "{tmp}/o.jsonl", "--chat-template", "{tmp}/t.jinja"],
          "t.jinja: --chat-template file does not exist"),
         (["score", "--input", "{inp}", "--output", "{tmp}/o.jsonl", "--mode", "official", "--reduction", "sum"],
@@ -223,7 +223,7 @@ def test_dpo_bad_pair_row_names_file_line_field(tmp_path, tiny_model_dir, capsys
     # a chat template that drops the content: the reply cannot be placed in row 1
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m['role'] }}{% endfor %}")
-    rc = main(["-q", "dpo", "--pairs", str(pairs), "--out", str(tmp_path / "run"), "--policy",
+    rc = main(["-q", "dpo", "--pairs", str(pairs), "--output_dir", str(tmp_path / "run"), "--policy",
                str(tiny_model_dir), "--chat-template", str(template), "--max-steps", "1"])  # fmt: skip
     assert rc == 2
     assert f"{pairs}:1: field 'chosen': the chat template changed the reply text" in capsys.readouterr().err

@@ -201,3 +201,34 @@ def test_a_rank_killed_mid_run_resumes_to_the_same_output(tmp_path, tiny_model_d
     res = torchrun(*argv)  # the same command again
     assert res.returncode == 0, res.stderr[-3000:]
     assert out.read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+
+
+def test_dpo_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir):
+    """`flr dpo` under torchrun (DDP, gloo) with 2 ranks x 2 pairs per step against one
+    process with 4 pairs per step: the same global batches (the sampler's order, cut across
+    ranks), DDP averages the ranks' gradients, so the parameters after 3 AdamW steps agree
+    to float rounding (and differ from the start)."""
+    import torch
+    from safetensors.torch import load_file
+
+    pairs = tmp_path / "pairs.jsonl"
+    write_rows(pairs, [
+        {"context": [{"role": "user", "content": f"Say {w}, please."}], "chosen": f"{w}.",
+         "rejected": "I like turtles."}
+        for w in ("yes", "no", "hello", "thanks", "bye", "ok", "sure", "fine")
+    ])  # fmt: skip
+    common = ["dpo", "--policy", tiny_model_dir, "--pairs", pairs, "--learning_rate", "1e-3",
+              "--max_steps", "3", "--lr_scheduler_type", "constant", "--report_to", "none",
+              "--save_strategy", "no", "--use_cpu", "true"]  # fmt: skip
+    one = main(["-q", *map(str, common), "--output_dir", str(tmp_path / "one"),
+                "--per_device_train_batch_size", "4"])  # fmt: skip
+    assert one == 0
+    two = torchrun(*common, "--output_dir", tmp_path / "two", "--per_device_train_batch_size", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("flr dpo: 3 steps") == 2  # both ranks trained the 3 steps
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert a.keys() == b.keys() == start.keys()
+    for k in a:
+        assert not torch.equal(a[k], start[k]), k
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5, msg=k)

@@ -306,25 +306,13 @@ def test_gpu_bf16_engine_error_bounded_by_reference_error():
 @needs_cuda
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_gpu_dpo_packed_backward_matches_plain(arch):
-    """DPO's sequence log-probs on CUDA: trie + tree attention (torch path: a gradient is
-    needed) + fused log-prob ("auto": Triton forward, chunked backward) vs full logits;
-    values and the gradient of every parameter."""
-    from flr_engine.dpo import completion_logprobs
+    """flr dpo's log-probs on CUDA: the batch's trie through the packed backbone (tree
+    attention, torch path: a gradient is needed) vs the padded batch, both through TRL's
+    fused LM head; values and the gradient of every parameter."""
+    from test_dpo import packed_vs_padded
 
     model = make_model(arch, vocab_size=613).cuda()
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, 613, (37,), generator=g).tolist()
-    seqs = [prompt + torch.randint(0, 613, (n,), generator=g).tolist() for n in (11, 5, 23, 17)]
-    starts = [len(prompt)] * len(seqs)
-    weights = torch.linspace(-1, 1, len(seqs), device="cuda")
-    results = {}
-    for fwd in ("plain", "packed"):
-        model.zero_grad(set_to_none=True)
-        sums, _ = completion_logprobs(model, seqs, starts, forward=fwd)
-        (sums * weights).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[fwd] = (sums.detach(), grads)
-    (ref, ref_grads), (got, grads) = results["plain"], results["packed"]
+    (ref, ref_grads), (got, grads) = packed_vs_padded(model, vocab=613, device="cuda")
     assert grads.keys() == ref_grads.keys() and len(grads) == len(list(model.parameters()))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
     for n, gr in grads.items():

@@ -197,20 +197,30 @@ def test_lock_is_keyed_on_the_resolved_path(tmp_path):
 
 
 def test_dpo_folder_is_held_by_one_run(tmp_path, monkeypatch):
-    """Two `flr dpo --resume` on one folder would write duplicated metrics rows: the second
-    is refused while the first holds the folder (here: its lock, taken by hand)."""
+    """Two `flr dpo` runs on one folder would write the same checkpoints: the second is
+    refused while the first holds the folder (here: its lock, taken by hand)."""
+    from types import SimpleNamespace
+
     from flr_engine import dpo
     from flr_engine.io import lock_exclusive
 
     out = tmp_path / "run"
     out.mkdir()
     held = lock_exclusive(os.path.join(os.path.realpath(out), "run"))
+    args = SimpleNamespace(output_dir=str(tmp_path / "." / "run"))
     try:
         with pytest.raises(OutputBusyError):
-            dpo.train_dpo(None, None, [], str(tmp_path / "." / "run"), dpo.DPOConfig(), resume=True)
+            dpo.run_dpo(None, None, [], args, resume="last")
     finally:
         held.close()
-    called = []
-    monkeypatch.setattr(dpo, "_train_dpo", lambda *a: called.append(a) or "ok")
-    assert dpo.train_dpo(None, None, [], str(out), dpo.DPOConfig(), resume=True) == "ok"
-    assert called  # free again once the first run let go
+
+    class Reached(Exception):
+        pass
+
+    def trainer(*a, **kw):
+        raise Reached
+
+    monkeypatch.setattr(dpo, "pairs_dataset", lambda *a: None)
+    monkeypatch.setattr(dpo, "_trainer_class", lambda: trainer)
+    with pytest.raises(Reached):  # free again once the first run let go
+        dpo.run_dpo(None, None, [], args, resume="last")

@@ -1,4 +1,4 @@
-"""The one packed decoder forward and the LM head: shared by the engine, DPO and the benchmark.
+"""The packed decoder forward and the LM head of the engine and the benchmark.
 
 For a pack of the token trie (:mod:`flr_engine.engine.packer`; pre-order, T unique tokens)::
 
@@ -11,9 +11,10 @@ For a pack of the token trie (:mod:`flr_engine.engine.packer`; pre-order, T uniq
 
 where ``logits = logit_transform(h @ W.T, bias, scale, softcap)``
 (:func:`~flr_engine.ops.fused_logprob.logit_transform`). Both work with or without a
-gradient (DPO trains through them). :func:`packed_hidden_states` is the single place a packed
-forward is run, so that routing it through the model's own forward (DDP / FSDP wrappers)
-later is a change here only.
+gradient. They read the decoder and ``lm_head.weight`` directly, which is right for scoring
+(one process per model) but not for training under DDP / FSDP / ZeRO-3: ``flr dpo``
+(:mod:`flr_engine.dpo`) runs its trie through the model's own forward instead, with TRL's
+fused head.
 """
 
 from __future__ import annotations
