@@ -38,7 +38,6 @@ Workload W1: 16 conversations of hh-rlhf-helpful-base x (chosen, rejected) x the
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import random
@@ -50,6 +49,7 @@ import threading
 import time
 
 from flr_engine.errors import ConfigError, MissingFileError
+from flr_engine.io import read_jsonl
 
 PROVIDERS = ("reference", "hf-prefix-cache", "engine", "limit")  # the default set
 LLAMACPP_PROVIDERS = ("llamacpp", "llamacpp-naive")
@@ -75,13 +75,11 @@ def load_pairs(path: str, n_conv: int, n_replies: int = 2, context_tokens: int |
     if not os.path.exists(path):
         raise MissingFileError(f"benchmark data {path} not found (pass --data)")
     rows = []
-    with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path) as fh:
-        for line in fh:
-            row = json.loads(line)
-            if not row.get("tie"):
-                rows.append(row)
-            if len(rows) >= n_conv + n_replies + 64:
-                break
+    for _, row in read_jsonl(path):
+        if not row.get("tie"):
+            rows.append(row)
+        if len(rows) >= n_conv + n_replies + 64:
+            break
     pool = [x for r in rows for x in (r["chosen"], r["rejected"])]
     filler = [  # (user, assistant) turns of later rows, prepended to grow a context
         [r["context"][0], {"role": "assistant", "content": r["chosen"]}] for r in rows[n_conv:]

@@ -26,7 +26,6 @@ negative one after ``rejected``) and holds out pairs for the calibration fit.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import logging
 import os
@@ -489,8 +488,7 @@ FQA_POLARITY = {"Excellent": 1, "Acceptable": 1, "Could be Improved": -1, "Bad":
 
 
 def _read_all(path: str) -> list[dict]:
-    with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path) as fh:
-        return [json.loads(x) for x in fh if x.strip()]
+    return [row for _, row in read_jsonl(path)]
 
 
 def _clip_words(text: str, n: int) -> str:
