@@ -56,7 +56,7 @@ import torch
 from flr_engine.chat import InputError
 from flr_engine.control import encode_chat
 from flr_engine.errors import ConfigError, MissingFileError
-from flr_engine.io import RowError, atomic_write_text, lock_exclusive
+from flr_engine.io import RowError, atomic_write_text, claim_output_folder, lock_exclusive
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def encode_pairs(
     Truncation to ``max_length`` tokens per sequence: the prompt keeps its last
     ``max(max_length - longest reply, max_length // 2)`` tokens, then replies are cut at the end.
     """
-    from flr_engine.mining import end_of_turn_ids, require_chat_template
+    from flr_engine.chat import end_of_turn_ids, require_chat_template
 
     require_chat_template(tokenizer)
     eot = end_of_turn_ids(tokenizer)
@@ -531,8 +531,8 @@ def run_dpo(
     lock, ckpt = None, None
     with state.main_process_first():  # the main process checks and clears the folder first
         if state.is_main_process:
-            os.makedirs(out, exist_ok=True)
-            lock = lock_exclusive(os.path.join(os.path.realpath(out), "run"))
+            claim_output_folder(out, "flr dpo", "--output_dir", earlier=(RUN_FILE,))
+            lock = lock_exclusive(os.path.join(os.path.realpath(out), "run"), what=out)
             ckpt = _check_out(out, resume, overwrite, run_identity(args, pairs, settings))
         elif not overwrite:
             ckpt = _resume_point(out, resume)

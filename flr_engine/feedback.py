@@ -234,7 +234,7 @@ def train_feedback(
     :func:`flr_engine.models.load` reads to score in the right format.
     """
     os.makedirs(out, exist_ok=True)
-    lock = lock_exclusive(os.path.join(os.path.realpath(out), "run"))  # one run per folder
+    lock = lock_exclusive(os.path.join(os.path.realpath(out), "run"), what=out)  # one run per folder
     try:
         ckpt = _prepare_out(out, _run_identity(cfg, encoded, settings), resume, overwrite)
         return _train(model, tokenizer, encoded, out, cfg, ckpt, resume, settings, skipped,

@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from flr_engine.errors import ConfigError, FLRError
@@ -248,9 +248,10 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def lock_exclusive(path: str):
+def lock_exclusive(path: str, what: str | None = None):
     """Hold ``<path>.lock`` exclusively (advisory ``flock``, released when the process
-    exits) or raise :class:`OutputBusyError`. No-op where ``fcntl`` is missing (Windows)."""
+    exits) or raise :class:`OutputBusyError` naming ``what`` (default ``path``). No-op
+    where ``fcntl`` is missing (Windows)."""
     try:
         import fcntl
     except ImportError:
@@ -261,18 +262,18 @@ def lock_exclusive(path: str):
     except OSError:
         fh.close()
         raise OutputBusyError(
-            f"{path} is being written by another process; wait for it to finish or write "
-            "elsewhere"
+            f"{what or path} is being written by another process; wait for it to finish or "
+            "write elsewhere"
         ) from None
     return fh
 
 
-def claim_output_folder(out: str, kind: str, out_flag: str = "--out") -> None:
+def claim_output_folder(out: str, kind: str, out_flag: str = "--out", earlier: Sequence[str] = ()) -> None:
     """Make ``out`` this tool's output folder for ``kind`` runs (e.g. ``"flr eval"``), or
     refuse: a path that is a file, a folder that cannot be created, or a non-empty folder
     that holds no ``kind`` run (it may be the user's; nothing there is changed, whatever
-    ``--overwrite`` says). A run is marked by ``out/.flr-run.json``; a folder with a
-    ``sets/`` subfolder counts as an earlier ``flr eval`` run (written before the marker)."""
+    ``--overwrite`` says). A run is marked by ``out/.flr-run.json``; a folder holding one of
+    the names ``earlier`` counts as a run written before the marker existed."""
     marker = os.path.join(out, ".flr-run.json")
     if os.path.exists(out) and not os.path.isdir(out):
         raise OutputConflictError(f"{out_flag} {out} is a file, not a folder: choose a folder")
@@ -288,7 +289,7 @@ def claim_output_folder(out: str, kind: str, out_flag: str = "--out") -> None:
                 ours = json.load(fh).get("kind") == kind
         except (OSError, ValueError, AttributeError):
             ours = False
-    elif kind == "flr eval" and os.path.isdir(os.path.join(out, "sets")):
+    elif any(os.path.exists(os.path.join(out, name)) for name in earlier):
         ours = True
     if entries and not ours:
         raise OutputConflictError(

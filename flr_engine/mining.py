@@ -36,7 +36,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from flr_engine.chat import InputError, normalize_conversation
+from flr_engine.chat import (
+    InputError,
+    end_of_turn_ids,
+    generation_prompt,
+    normalize_conversation,
+    require_chat_template,
+)
 from flr_engine.control import control_tokens
 from flr_engine.distributed import Ranks, ShardedOutput, chunks
 from flr_engine.errors import ConfigError
@@ -44,7 +50,6 @@ from flr_engine.io import RowError, check_id, read_rows
 
 log = logging.getLogger(__name__)
 
-_REPLY_SENTINEL = "FLRREPLYSENTINEL7f3a"  # no whitespace / control characters: survives trim
 
 
 @dataclass
@@ -160,62 +165,8 @@ def read_prompts(path: str, limit: int | None = None, skip: int = 0) -> list[Pro
 
 
 # --------------------------------------------------------------------------------------
-# chat-template helpers (shared with flr_engine.dpo)
+# prompts for generation (the chat-template helpers live in flr_engine.chat)
 # --------------------------------------------------------------------------------------
-
-
-def require_chat_template(tokenizer, what: str = "the policy") -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise InputError(
-            f"{what} has no chat template: pass --chat-template FILE (a Jinja template), "
-            "e.g. for a base model"
-        )
-
-
-def generation_prompt(tokenizer, messages: list[dict]) -> str:
-    """The rendered text up to where the assistant reply starts.
-
-    Rendered as ``messages + [assistant: SENTINEL]`` and cut at the sentinel, so templates
-    without ``add_generation_prompt`` support work too; the result is exactly the prefix the
-    reply sits behind in training data (:mod:`flr_engine.dpo` renders replies the same way).
-    """
-    full = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": _REPLY_SENTINEL}], tokenize=False
-    )
-    if full.count(_REPLY_SENTINEL) == 1:
-        return full[: full.index(_REPLY_SENTINEL)]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn: ``eos_token_id`` plus the special token the chat
-    template writes right after an assistant reply (``<|im_end|>``, ``<|eot_id|>``,
-    ``<end_of_turn>``, ...), found by rendering a probe conversation."""
-    ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    reply = "Hello there"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}],
-        tokenize=False,
-    )
-    end = text.rfind(reply)
-    if end >= 0:
-        end += len(reply)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        special = set(tokenizer.all_special_ids) | set(
-            getattr(tokenizer, "added_tokens_decoder", {})
-        )
-        after = [n for n, (a, b) in enumerate(enc["offset_mapping"]) if a >= end and b > a]
-        for n in after[:3]:  # the first special token shortly after the reply
-            tid = enc["input_ids"][n]
-            if tid in special:
-                if tid not in ids:
-                    ids.append(int(tid))
-                break
-    if not ids:
-        raise InputError("cannot tell the end-of-turn token: the tokenizer has no eos_token")
-    return ids
 
 
 def stop_and_pad_ids(tokenizer) -> tuple[list[int], int]:

@@ -11,10 +11,10 @@ import pytest
 import torch
 from tiny import CHAT_TEMPLATES, EOS, SPECIALS, make_model, make_tokenizer
 
-from flr_engine.chat import ChatRenderer
+from flr_engine.chat import ChatRenderer, end_of_turn_ids, generation_prompt
 from flr_engine.control import control_tokens
 from flr_engine.dpo import encode_reply
-from flr_engine.mining import end_of_turn_ids, generation_prompt, prompt_ids
+from flr_engine.mining import prompt_ids
 from flr_engine.reward import aggregate
 from flr_engine.scorer import FLRScorer
 from flr_engine.templates import load_templates

@@ -7,15 +7,10 @@ import json
 
 import pytest
 
+from flr_engine.chat import end_of_turn_ids, generation_prompt
 from flr_engine.cli import main
 from flr_engine.io import RowError
-from flr_engine.mining import (
-    MineConfig,
-    end_of_turn_ids,
-    generation_prompt,
-    prompt_seed,
-    read_prompts,
-)
+from flr_engine.mining import MineConfig, prompt_seed, read_prompts
 
 PROMPTS = [
     {"prompt": "What is the capital of France?"},

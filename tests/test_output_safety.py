@@ -224,3 +224,23 @@ def test_dpo_folder_is_held_by_one_run(tmp_path, monkeypatch):
     monkeypatch.setattr(dpo, "_trainer_class", lambda: trainer)
     with pytest.raises(Reached):  # free again once the first run let go
         dpo.run_dpo(None, None, [], args, resume="last")
+
+
+def test_dpo_never_trains_into_a_folder_it_did_not_make(tmp_path, monkeypatch):
+    """A non-empty folder without a DPO run (a user's project, say) is refused before any
+    file is written there, --overwrite or not; a path under a regular file is a message."""
+    from types import SimpleNamespace
+
+    from flr_engine import dpo
+    from flr_engine.io import OutputConflictError
+
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": true}')
+    for overwrite in (False, True):
+        with pytest.raises(OutputConflictError, match="holds no flr dpo run"):
+            dpo.run_dpo(None, None, [], SimpleNamespace(output_dir=str(mine)), overwrite=overwrite)
+    assert os.listdir(mine) == ["config.json"] and (mine / "config.json").read_text() == '{"mine": true}'
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OutputConflictError, match="cannot write --output_dir"):
+        dpo.run_dpo(None, None, [], SimpleNamespace(output_dir=str(tmp_path / "a-file" / "run")))

@@ -138,7 +138,7 @@ def test_generate_cli_slices_resumes_and_feeds_flr_score(tmp_path, tiny_model_di
         assert r["context"] == [{"role": "user", "content": f"Question number {r['line'] - 1}?"}]
         assert 0 <= r["tokens"] <= 6 and r["finished"] == (r["tokens"] < 6)
     # greedy replies equal transformers' greedy generate on the same prompt
-    from flr_engine.mining import end_of_turn_ids, generation_prompt
+    from flr_engine.chat import end_of_turn_ids, generation_prompt
     from flr_engine.models import load
 
     lm = load(str(tiny_model_dir))

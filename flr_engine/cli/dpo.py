@@ -142,8 +142,8 @@ def parse_args(argv: list[str]):
 
 
 def cmd_dpo(args) -> int:
+    from flr_engine.chat import require_chat_template
     from flr_engine.dpo import encode_pairs, load_pairs, run_dpo
-    from flr_engine.mining import require_chat_template
     from flr_engine.models import load
 
     flr_args, cfg = parse_args(args.trl_argv)

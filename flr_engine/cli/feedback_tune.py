@@ -56,13 +56,13 @@ def register(subparsers) -> None:
 def cmd_feedback_tune(args) -> int:
     import torch
 
+    from flr_engine.chat import require_chat_template
     from flr_engine.feedback import (
         FeedbackTuneConfig,
         encode_feedback,
         load_feedback_rows,
         train_feedback,
     )  # fmt: skip
-    from flr_engine.mining import require_chat_template
     from flr_engine.models import load
 
     cfg = config_from_args(args, FeedbackTuneConfig)

@@ -49,15 +49,10 @@ def register(subparsers) -> None:
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
+    from flr_engine.chat import require_chat_template
     from flr_engine.distributed import Ranks, ShardedOutput, chunks
     from flr_engine.io import input_files
-    from flr_engine.mining import (
-        prompt_ids,
-        prompt_seed,
-        read_prompts,
-        require_chat_template,
-        stop_and_pad_ids,
-    )  # fmt: skip
+    from flr_engine.mining import prompt_ids, prompt_seed, read_prompts, stop_and_pad_ids
     from flr_engine.models import load
     from flr_engine.sampling import generate
 

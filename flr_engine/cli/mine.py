@@ -59,8 +59,9 @@ def register(subparsers) -> None:
 
 
 def cmd_mine(args) -> int:
+    from flr_engine.chat import require_chat_template
     from flr_engine.distributed import Ranks
-    from flr_engine.mining import MineConfig, Miner, mine, read_prompts, require_chat_template
+    from flr_engine.mining import MineConfig, Miner, mine, read_prompts
     from flr_engine.models import load
     from flr_engine.scorer import FLRScorer
     from flr_engine.templates import load_templates

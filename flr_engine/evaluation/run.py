@@ -227,7 +227,7 @@ def run_eval(
             raise ConfigError(
                 f"--calibrate-on {cfg.calibrate_on!r}: calibration needs a pairwise set"
             )
-    claim_output_folder(cfg.out, "flr eval")
+    claim_output_folder(cfg.out, "flr eval", earlier=("sets",))  # sets/: runs before the marker
     t0 = time.time()
     get_scorer = _Lazy(scorer_factory)
     get_rm = _Lazy(rm_factory) if rm_factory is not None and cfg.reward_model else None
