@@ -141,10 +141,26 @@ def default_gguf() -> Path:
 
 
 def fetch_default(force: bool = False) -> Path:
-    """Make sure the default model is converted in the cache; return its folder."""
+    """Make sure the default model is converted in the cache; return its folder. Processes
+    that fetch at once (the ranks of a launcher on a fresh machine) take turns on a lock
+    file, so one converts and the others find it cached."""
     folder = cache_dir() / "models" / DEFAULT_CACHE_NAME
     if _is_cached(folder) and not force:
         return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{DEFAULT_CACHE_NAME}.lock", "a") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # blocking; released when the file closes
+        except ImportError:  # Windows: no flock, one process at a time is the user's job
+            pass
+        if _is_cached(folder) and not force:
+            return folder  # another process converted it while this one waited
+        return _fetch_default(folder)
+
+
+def _fetch_default(folder: Path) -> Path:
     kept = cache_dir() / "gguf" / DEFAULT_GGUF_NAME  # a copy default_gguf() keeps: no download
     if kept.is_file() and not os.environ.get("FLR_ENGINE_DEFAULT_GGUF"):
         convert_gguf(kept, folder)

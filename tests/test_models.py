@@ -38,3 +38,33 @@ def test_default_model_and_gguf_path(default_model_dir, tmp_path, monkeypatch):
     other = load(str(gguf))
     for (k, a), (_, b) in zip(lm.model.state_dict().items(), other.model.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_processes_fetching_at_once_convert_the_default_model_once(tmp_path, monkeypatch):
+    """Ranks of a launcher on a fresh machine all call fetch_default: one converts (the
+    others wait on the lock file), then they all find it cached. Separate open() calls
+    take separate flocks, so threads stand in for processes here."""
+    import threading
+    import time
+
+    from flr_engine import models
+
+    monkeypatch.setenv("FLR_ENGINE_CACHE", str(tmp_path))
+    calls = []
+
+    def convert(folder):
+        calls.append(folder)
+        time.sleep(0.3)  # long enough for the other fetches to arrive while this one works
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"")
+        return folder
+
+    monkeypatch.setattr(models, "_fetch_default", convert)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(models.fetch_default())) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(got) == 3 and len(set(got)) == 1
