@@ -244,3 +244,16 @@ def test_dpo_never_trains_into_a_folder_it_did_not_make(tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(OutputConflictError, match="cannot write --output_dir"):
         dpo.run_dpo(None, None, [], SimpleNamespace(output_dir=str(tmp_path / "a-file" / "run")))
+
+
+def test_output_is_checked_before_the_model_loads(job, tiny_model_dir, monkeypatch, capsys):
+    """A refused output costs no model load (with a large model, minutes)."""
+    from flr_engine.cli import score as score_cmd
+
+    def no_load(args):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(score_cmd, "scorer_from_args", no_load)
+    inp, _ = job
+    assert score(tiny_model_dir, inp, inp) == 2
+    assert "is the input file" in capsys.readouterr().err

@@ -67,19 +67,20 @@ def cmd_generate(args) -> int:
     } | {"skip": args.skip, "chat_template": template_hash(template)}  # fmt: skip
     ranks = Ranks.from_env()
     t0 = time.time()
-    lm = load(args.policy, dtype=args.dtype, device=ranks.device(args.device), chat_template=template)
-    tok = lm.tokenizer
-    require_chat_template(tok, f"the policy {args.policy!r}")
-    eot, pad = stop_and_pad_ids(tok)
-    max_pos = getattr(lm.model.config, "max_position_embeddings", None)
-    log.info("policy %s loaded in %.1fs", args.policy, time.time() - t0)
     written = 0
     from flr_engine.models import model_files
 
     inputs = input_files(args.prompts, args.chat_template) + model_files(args.policy)
+    # the output is checked (and held) before the policy loads: a refusal costs no load
     with ShardedOutput(
         args.out, settings, ranks, resume=not args.overwrite, out_flag="--out", inputs=inputs
     ) as out:
+        lm = load(args.policy, dtype=args.dtype, device=ranks.device(args.device), chat_template=template)
+        tok = lm.tokenizer
+        require_chat_template(tok, f"the policy {args.policy!r}")
+        eot, pad = stop_and_pad_ids(tok)
+        max_pos = getattr(lm.model.config, "max_position_embeddings", None)
+        log.info("policy %s loaded in %.1fs", args.policy, time.time() - t0)
         # batches fixed by input position (seeded per prompt): the same replies for any
         # number of ranks, and after a resume
         mine = ranks.take(chunks(prompts, args.batch_prompts))

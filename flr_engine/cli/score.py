@@ -67,17 +67,14 @@ def cmd_score(args) -> int:
     ranks = Ranks.from_env()
     args.device = ranks.device(args.device)
     t0 = time.time()
-    scorer = scorer_from_args(args)
-    log.info(
-        "model %s loaded in %.1fs; scoring with the %s backend",
-        args.model,
-        time.time() - t0,
-        scorer.engine_name,
-    )
     from flr_engine.models import model_files
 
     inputs = input_files(args.input, args.templates, args.chat_template) + model_files(args.model)
+    # the output is checked (and held) before the model loads: a refusal costs no load
     with ShardedOutput(args.output, settings, ranks, resume=not args.overwrite, inputs=inputs) as out:
+        scorer = scorer_from_args(args)
+        log.info("model %s loaded in %.1fs; scoring with the %s backend", args.model,
+                 time.time() - t0, scorer.engine_name)  # fmt: skip
         # fixed batches by input position, every world-th one for this rank: each row is
         # scored in the same batch however many ranks there are
         mine = ranks.take(chunks(rows, args.batch_size))
