@@ -137,7 +137,7 @@ def default_threads() -> int:
 # --------------------------------------------------------------------------- loading
 
 
-def _quiet(llama_cpp, verbose: bool) -> None:
+def _quiet(verbose: bool) -> None:
     # llama-cpp-python routes llama.cpp's log through this logger (its level gates printing)
     logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
 
@@ -172,7 +172,7 @@ class _LlamaModel:
         path = str(gguf_path)
         if not os.path.isfile(path):
             raise ConfigError(f"GGUF file {path} does not exist")
-        _quiet(self.lib, verbose)
+        _quiet(verbose)
         self.lib.llama_backend_init()
         mparams = self.lib.llama_model_default_params()
         mparams.n_gpu_layers = 0
@@ -397,7 +397,7 @@ class LlamaCppNaiveBackend:
         lib = import_llama_cpp()
         if not os.path.isfile(str(gguf_path)):
             raise ConfigError(f"GGUF file {gguf_path} does not exist")
-        _quiet(lib, verbose)
+        _quiet(verbose)
         self.n_threads = n_threads or default_threads()
         self.llm = lib.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_batch, logits_all=True,
                              n_threads=self.n_threads, n_threads_batch=self.n_threads, verbose=verbose,

@@ -47,6 +47,7 @@ import math
 
 import numpy as np
 
+from flr_engine.distributed import chunks
 from flr_engine.errors import InputError
 from flr_engine.io import RowError, parse_score_row
 from flr_engine.reward import RewardConfig
@@ -149,9 +150,9 @@ class FLRBatchScorer:
                 out[i] = _failed(str(InputError(exc.message, exc.field)))
             else:
                 valid.append((i, parsed))
-        for start in range(0, len(valid), self.batch_size):
+        for rows_in_call in chunks(valid, self.batch_size):
             chunk, prepared = [], []
-            for i, r in valid[start : start + self.batch_size]:
+            for i, r in rows_in_call:
                 try:
                     prepared.append(self.scorer.prepare(r.context, r.response))
                     chunk.append(i)

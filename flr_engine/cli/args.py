@@ -11,11 +11,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import logging
+import sys
 from dataclasses import dataclass, field
 
 from flr_engine.errors import MissingFileError
 
 RAW = argparse.RawDescriptionHelpFormatter
+
+log = logging.getLogger("flr_engine")
 
 
 def add_config_args(p: argparse.ArgumentParser, cls) -> None:
@@ -146,3 +150,11 @@ def scorer_from_args(args):
         score_eot=args.score_eot,
         dimensions=dimensions(args),
     )
+
+
+def report_summary(command: str, summary: str, quiet: bool) -> None:
+    """Log a finished run's ``summary`` as ``flr COMMAND: ...``; under ``--quiet`` (which
+    hides INFO logs) also print it to stderr."""
+    log.info("flr %s: %s", command, summary)
+    if quiet:
+        print(f"flr {command}: {summary}", file=sys.stderr)

@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 
-from flr_engine.cli.args import RAW, read_chat_template, template_hash
+from flr_engine.cli.args import RAW, read_chat_template, report_summary, template_hash
 
 log = logging.getLogger("flr_engine")
 
@@ -181,7 +180,5 @@ def cmd_dpo(args) -> int:
         f"({res.skipped_ties} ties skipped, {res.truncated} truncated) in {res.seconds:.1f}s; "
         f"last step: {json.dumps(res.last)}; model saved in {res.out_dir}"
     )
-    log.info("flr dpo: %s", summary)
-    if args.quiet:
-        print(f"flr dpo: {summary}", file=sys.stderr)
+    report_summary("dpo", summary, args.quiet)
     return 0

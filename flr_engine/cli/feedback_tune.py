@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 import time
 
 from flr_engine.cli.args import (
@@ -14,6 +13,7 @@ from flr_engine.cli.args import (
     add_resume_args,
     config_from_args,
     read_chat_template,
+    report_summary,
     template_hash,
 )
 
@@ -95,7 +95,5 @@ def cmd_feedback_tune(args) -> int:
         f"({res.skipped} too long, skipped) in {res.seconds:.1f}s; logged loss "
         f"{res.first_loss} -> {res.last_loss}; saved in {res.out_dir}"
     )
-    log.info("flr feedback-tune: %s", summary)
-    if args.quiet:
-        print(f"flr feedback-tune: {summary}", file=sys.stderr)
+    report_summary("feedback-tune", summary, args.quiet)
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import time
 
 from flr_engine.cli.args import (
@@ -16,6 +15,7 @@ from flr_engine.cli.args import (
     config_from_args,
     dimensions,
     read_chat_template,
+    report_summary,
     template_hash,
 )
 
@@ -34,8 +34,6 @@ Output rows (TRL preference format): {"prompt": [messages], "chosen": [{"role": 
 Skipped prompts (< 2 distinct samples, margin below --min-margin, unscorable) go to
 OUT.skipped.jsonl. A rerun with the same --out resumes (samples are seeded per prompt, so
 they are the same as in an uninterrupted run); other settings are refused."""
-
-
 
 
 def register(subparsers) -> None:
@@ -110,7 +108,5 @@ def cmd_mine(args) -> int:
     inputs += model_files(args.policy) + model_files(args.model or args.policy)
     stats = mine(miner, prompts, args.out, settings, resume=not args.overwrite,
                  progress=not args.quiet, inputs=sorted(set(inputs)), ranks=ranks)  # fmt: skip
-    log.info("flr mine: %s", stats.summary())
-    if args.quiet:
-        print(f"flr mine: {stats.summary()}", file=sys.stderr)
+    report_summary("mine", stats.summary(), args.quiet)
     return 0

@@ -57,6 +57,11 @@ def markdown_report(res: dict) -> str:
             return transfer.get(name, {}).get(metric)
         return r["methods"].get(m, {}).get(metric)
 
+    def cell(name, r, m, metric, pct):
+        if m == "flr-cal" and name == cal.get("fit_on"):
+            return "(fit set)"
+        return _fmt(method_metric(name, r, m, metric), pct)
+
     pw = {k: r for k, r in sets.items() if r["kind"] == "pairwise"}
     if pw:
         lines += [
@@ -76,9 +81,7 @@ def markdown_report(res: dict) -> str:
             cells = []
             for c in cols:
                 m = method_metric(name, r, c, "accuracy")
-                cells.append(
-                    "(fit set)" if c == "flr-cal" and name == cal.get("fit_on") else _fmt(m, True)
-                )
+                cells.append(cell(name, r, c, "accuracy", True))
                 if m and num(m.get("value")) is not None:
                     means[c].append(m["value"])
             lines.append(
@@ -98,12 +101,7 @@ def markdown_report(res: dict) -> str:
                 "|---|---:|" + "---|" * len(cols),
             ]
             for name, r in lc_sets.items():
-                cells = [
-                    "(fit set)"
-                    if c == "flr-cal" and name == cal.get("fit_on")
-                    else _fmt(method_metric(name, r, c, "accuracy_lc"), True)
-                    for c in cols
-                ]
+                cells = [cell(name, r, c, "accuracy_lc", True) for c in cols]
                 lines.append(f"| {name} | {r['n_lc']} | " + " | ".join(cells) + " |")
             lines.append("")
     rt = {k: r for k, r in sets.items() if r["kind"] == "rating"}
@@ -119,12 +117,7 @@ def markdown_report(res: dict) -> str:
                 lines.append(f"| {name} | 0 | {r['note']} |" + " |" * len(cols))
                 continue
             for corr in CORRS:
-                cells = [
-                    "(fit set)"
-                    if c == "flr-cal" and name == cal.get("fit_on")
-                    else _fmt(method_metric(name, r, c, corr), False)
-                    for c in cols
-                ]
+                cells = [cell(name, r, c, corr, False) for c in cols]
                 lines.append(f"| {name} | {r['n']} | {corr} | " + " | ".join(cells) + " |")
         lines.append("")
     done = {k: r for k, r in sets.items() if r.get("dimensions")}

@@ -75,15 +75,6 @@ class _Lazy:
         return self.obj
 
 
-def _score_serially(get_scorer: Callable, batches: list[list], es: EvalSet, on_error: str):
-    """Yield ``(records, seconds)`` per batch, scored in this process."""
-    for batch in batches:
-        scorer = get_scorer()  # loaded once, before the clock starts
-        t0 = time.time()
-        recs = score_batch(scorer, batch, es, on_error)
-        yield recs, time.time() - t0
-
-
 def evaluate_set(
     es: EvalSet,
     cfg: EvalConfig,
@@ -155,8 +146,11 @@ def evaluate_set(
                 desc=f"{ranks.tag}eval {es.name}",
                 disable=cfg.quiet or not ranks.is_main,
             )
-            for recs, seconds in _score_serially(get_scorer, batches, es, cfg.on_error):
-                per_row = round(seconds / max(1, len(recs)), 4)
+            for batch in batches:
+                scorer = get_scorer()  # loaded once, before the clock starts
+                t1 = time.time()
+                recs = score_batch(scorer, batch, es, cfg.on_error)
+                per_row = round((time.time() - t1) / max(1, len(recs)), 4)
                 w.write([{**r, "seconds": per_row} for r in recs])
                 computed += len(recs)
                 bar.update(len(recs))
