@@ -131,6 +131,21 @@ class FeedbackTuneConfig:
         metadata={"help": "follow-up: feedback as the user's next turn (what FLR scores); "
                   "role-swapped: the paper's released fine-tuned scorer", "choices": FORMATS},
     )  # fmt: skip
+    objective: str = field(
+        default="sft",
+        metadata={"help": "sft: the loss on the feedback tokens of feedback rows; pairwise: "
+                  "preference pairs, -log sigmoid(beta * FLR margin) with --reactions "
+                  "(flr_engine.pairwise_tune)", "choices": ["sft", "pairwise"]},
+    )  # fmt: skip
+    reactions: str = field(
+        default="flr-helpfulness",
+        metadata={"help": "pairwise: template set(s) the reactions are drawn from (names or "
+                  "files, comma-separated; every dimension pooled)"},
+    )  # fmt: skip
+    reactions_per_reply: int = field(
+        default=8, metadata={"help": "pairwise: k positive and k negative reactions per pair"}
+    )
+    beta: float = field(default=1.0, metadata={"help": "pairwise: scale of the margin in the loss"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
@@ -169,7 +184,13 @@ class FeedbackTuneConfig:
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ConfigError(f"--format must be one of {FORMATS}, got {self.format!r}")
-        for name in ("lora_r", "batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
+        if self.objective not in ("sft", "pairwise"):
+            raise ConfigError(f"--objective must be sft or pairwise, got {self.objective!r}")
+        if self.objective == "pairwise" and self.bf16:
+            raise ConfigError("--bf16 is not supported with --objective pairwise (fp32 only)")
+        if self.beta <= 0:
+            raise ConfigError(f"--beta must be > 0, got {self.beta}")
+        for name in ("lora_r", "reactions_per_reply", "batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lora_layers < 0 or self.max_seconds < 0:
@@ -224,6 +245,7 @@ def train_feedback(
     skipped: int = 0,
     progress: bool = True,
     callbacks: list | None = None,
+    collator=None,
 ) -> TuneResult:
     """SFT of ``model`` on pre-encoded rows (:func:`encode_feedback`) with TRL's SFTTrainer.
 
@@ -238,7 +260,7 @@ def train_feedback(
     try:
         ckpt = _prepare_out(out, _run_identity(cfg, encoded, settings), resume, overwrite)
         return _train(model, tokenizer, encoded, out, cfg, ckpt, resume, settings, skipped,
-                      progress, callbacks)  # fmt: skip
+                      progress, callbacks, collator)  # fmt: skip
     finally:
         if lock is not None:
             lock.close()
@@ -252,7 +274,7 @@ def _run_identity(cfg: FeedbackTuneConfig, encoded: list[dict], settings: dict |
     """What a resumed run must share with the first: config, settings, the encoded rows."""
     import hashlib
 
-    rows = hashlib.sha256(json.dumps([e["input_ids"] for e in encoded]).encode()).hexdigest()
+    rows = hashlib.sha256(json.dumps([e.get("input_ids", e) for e in encoded]).encode()).hexdigest()
     conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IDENTITY}
     sets = dict(settings or {})
     sets["args"] = {k: v for k, v in sets.get("args", {}).items() if k not in _NOT_IDENTITY}
@@ -308,10 +330,9 @@ def _prepare_out(out: str, identity: dict, resume: bool, overwrite: bool) -> str
 
 
 def _train(model, tokenizer, encoded, out, cfg, ckpt, resume, settings, skipped, progress,
-           callbacks) -> TuneResult:  # fmt: skip
+           callbacks, collator) -> TuneResult:  # fmt: skip
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
 
     metrics_path = os.path.join(out, "metrics.jsonl")
 
@@ -352,7 +373,7 @@ def _train(model, tokenizer, encoded, out, cfg, ckpt, resume, settings, skipped,
         )  # fmt: skip
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    args = SFTConfig(
+    common = dict(
         output_dir=out,
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -369,21 +390,38 @@ def _train(model, tokenizer, encoded, out, cfg, ckpt, resume, settings, skipped,
         bf16=cfg.bf16,
         report_to="none",
         disable_tqdm=not progress,
-        max_length=None,  # rows are already fitted by the renderer's truncation policy
         dataloader_num_workers=0,
-        **_no_checkpointing(),  # TRL enables it by default; a 135M model does not need it
         use_cpu=next(model.parameters()).device.type == "cpu",
         save_only_model=False,
-    )
+    )  # fmt: skip
+    callbacks = [_Metrics(), _TimeBudget(), *(callbacks or [])]
     model.train()
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(encoded),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[_Metrics(), _TimeBudget(), *(callbacks or [])],
-    )
+    if cfg.objective == "pairwise":
+        from transformers import TrainingArguments
+
+        from flr_engine.pairwise_tune import trainer_class
+
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        trainer = trainer_class()(
+            model=model, args=TrainingArguments(remove_unused_columns=False, **common),
+            train_dataset=Dataset.from_list(encoded), data_collator=collator,
+            callbacks=callbacks, beta=cfg.beta,
+        )  # fmt: skip
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(
+            max_length=None,  # rows are already fitted by the renderer's truncation policy
+            **_no_checkpointing(),  # TRL enables it by default; a 135M model does not need it
+            **common,
+        )  # fmt: skip
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(encoded),
+            processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+        )  # fmt: skip
     start = 0
     if resume and ckpt:
         with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as fh:
@@ -499,6 +537,58 @@ def _clip_words(text: str, n: int) -> str:
     return " ".join(words[:n]) + " ..."
 
 
+def _shuffled_pairs(train_dir: str, rng: random.Random) -> list[dict]:
+    """Every usable pair of ``train_dir/pairs/*`` (files in name order), shuffled by ``rng``."""
+    pdir = os.path.join(train_dir, "pairs")
+    pairs = []
+    for name in sorted(os.listdir(pdir)):
+        pairs += _read_all(os.path.join(pdir, name))
+    pairs = [p for p in pairs if p.get("chosen", "").strip() and p.get("rejected", "").strip()
+             and p["chosen"] != p["rejected"]]  # fmt: skip
+    rng.shuffle(pairs)
+    return pairs
+
+
+def _clip_context(context: list[dict], words: int) -> list[dict]:
+    """A copy of ``context`` whose last turn keeps its last ``words`` words."""
+    c = [dict(m) for m in context]
+    c[-1]["content"] = " ".join(c[-1]["content"].split()[-words:])
+    return c
+
+
+def build_pair_split(train_dir: str, cfg: MixConfig) -> tuple[list[dict], list[dict]]:
+    """``(train_pairs, calib_pairs)`` for ``--objective pairwise``: the same shuffle and the
+    same held-out calibration pairs as :func:`build_feedback_mix` (same seed), then *every*
+    other pair, replies cut to ``reply_words`` and the last user turn to ``context_words``
+    (pairs whose cut replies coincide are dropped)."""
+    pairs = _shuffled_pairs(train_dir, random.Random(cfg.seed))
+    calib, out = pairs[: cfg.calib_pairs], []
+    for p in pairs[cfg.calib_pairs :]:
+        ch, rj = _clip_words(p["chosen"], cfg.reply_words), _clip_words(p["rejected"], cfg.reply_words)
+        if ch != rj:
+            out.append({"id": p["id"], "source": p["source"], "context": _clip_context(p["context"], cfg.context_words),
+                        "chosen": ch, "rejected": rj})  # fmt: skip
+    return out, calib
+
+
+def held_out_reactions(train_with: str, held_out: str) -> dict:
+    """A template set (one dimension ``reaction``) of :data:`PAIR_POSITIVE` /
+    :data:`PAIR_NEGATIVE` plus ``train_with``'s texts, minus every text of ``held_out``: train
+    with it, and evaluating with ``held_out`` measures wording the model never saw."""
+    from flr_engine.templates import load_templates
+
+    banned = set(load_templates(held_out).unique_texts)
+    pos, neg = dict.fromkeys(PAIR_POSITIVE), dict.fromkeys(PAIR_NEGATIVE)
+    for _, sign, text in load_templates(train_with).followups:
+        (pos if sign == "positive" else neg)[text] = None
+    return {
+        "name": f"reactions ({train_with} + flr-engine's, without {held_out})",
+        "source": f"flr_engine.feedback.PAIR_POSITIVE/NEGATIVE + {train_with}, minus {held_out}'s texts",
+        "dimensions": {"reaction": {"positive": [t for t in pos if t not in banned],
+                                    "negative": [t for t in neg if t not in banned]}},
+    }  # fmt: skip
+
+
 @dataclass
 class MixConfig:
     pairs: int = 600  # training pairs (each gives 2 rows: chosen +, rejected -)
@@ -521,19 +611,12 @@ def build_feedback_mix(train_dir: str, cfg: MixConfig) -> tuple[list[dict], list
     (question, passage). OASST follow-ups are the users' real next turns.
     """
     rng = random.Random(cfg.seed)
-    pdir, fdir = os.path.join(train_dir, "pairs"), os.path.join(train_dir, "feedback")
-    pairs = []
-    for name in sorted(os.listdir(pdir)):
-        pairs += _read_all(os.path.join(pdir, name))
-    pairs = [p for p in pairs if p.get("chosen", "").strip() and p.get("rejected", "").strip()
-             and p["chosen"] != p["rejected"]]  # fmt: skip
-    rng.shuffle(pairs)
+    fdir = os.path.join(train_dir, "feedback")
+    pairs = _shuffled_pairs(train_dir, rng)
     calib, train_pairs = pairs[: cfg.calib_pairs], pairs[cfg.calib_pairs :]
 
     def ctx(c):
-        c = [dict(m) for m in c]
-        c[-1]["content"] = " ".join(c[-1]["content"].split()[-cfg.context_words :])
-        return c
+        return _clip_context(c, cfg.context_words)
 
     rows, counts = [], {"pair+": 0, "pair-": 0, "feedbackqa+": 0, "feedbackqa-": 0, "oasst": 0}
     used = 0

@@ -17,7 +17,7 @@ LAYERS = [
     ("control", "chat", "chat_formats", "templates", "io", "models", "reward", "sampling",
      "reference", "baselines", "llamacpp", "scorer", "trl_reward", "env", "distributed",
      "ray_data"),
-    ("evaluation", "mining", "dpo", "feedback", "bench"),
+    ("evaluation", "mining", "dpo", "feedback", "pairwise_tune", "bench"),
     ("cli",),
 ]  # fmt: skip
 
