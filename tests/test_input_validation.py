@@ -61,6 +61,15 @@ def test_skip_covers_every_kind_of_row_error_and_counts_them(tmp_path, tiny_mode
     assert f"{inp}:4: field 'id': must be finite" in logged
     assert f"{inp}:5: malformed JSON" in logged
     assert "skipped 3 bad rows" in logged
+    # a rerun (resume: nothing left to score) lists each bad row once, not once per run
+    assert score(tiny_model_dir, inp, out, "--on-error", "skip") == 0
+    errors = [json.loads(x) for x in open(str(out) + ".errors.jsonl")]
+    assert sorted(e["line"] for e in errors) == [2, 4, 5]
+    # --overwrite starts the list over: a row fixed since is no longer listed
+    write_rows(inp, [GOOD, GOOD, GOOD, {**GOOD, "id": float("nan")}], ["{oops"])
+    assert score(tiny_model_dir, inp, out, "--on-error", "skip", "--overwrite") == 0
+    errors = [json.loads(x) for x in open(str(out) + ".errors.jsonl")]
+    assert sorted(e["line"] for e in errors) == [4, 5]
 
 
 def test_nan_id_is_rejected_so_the_output_stays_valid_json(tmp_path, tiny_model_dir, capsys):

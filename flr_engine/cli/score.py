@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 from flr_engine.chat import InputError
@@ -53,6 +54,32 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_score)
 
 
+class ErrorLog:
+    """``OUTPUT.errors.jsonl``: one ``{"line", "error"}`` per skipped row. A resumed run adds
+    only rows it does not list yet (each row once, however often the job is rerun);
+    ``fresh`` (--overwrite, one process) starts it over."""
+
+    def __init__(self, path: str, fresh: bool = False):
+        self.listed: set[int] = set()
+        if not fresh and os.path.exists(path):
+            with open(path, encoding="utf-8") as fh:
+                for x in fh:
+                    try:
+                        self.listed.add(int(json.loads(x)["line"]))
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a torn last line: that row is listed again
+        self.fh = open(path, "w" if fresh else "a", encoding="utf-8")
+
+    def write(self, line: int, error: str) -> None:
+        if line not in self.listed:
+            self.listed.add(line)
+            self.fh.write(json.dumps({"line": line, "error": error}) + "\n")
+            self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
 def cmd_score(args) -> int:
     from tqdm import tqdm
 
@@ -84,10 +111,11 @@ def cmd_score(args) -> int:
         if left < total:
             log.info("%sresuming: %d of %d rows already in %s", ranks.tag, total - left, total,
                      args.output)  # fmt: skip
-        errors = open(args.output + ".errors.jsonl", "a") if args.on_error == "skip" else None
+        errors = ErrorLog(args.output + ".errors.jsonl", fresh=args.overwrite and ranks.world == 1) \
+            if args.on_error == "skip" else None  # fmt: skip
         skipped = len(bad)
         for err in bad if errors is not None and ranks.is_main else []:
-            errors.write(json.dumps({"line": err.line, "error": str(err)}) + "\n")
+            errors.write(err.line, str(err))
         bar = tqdm(total=total, initial=total - left, unit="row", desc=f"{ranks.tag}flr score",
                    disable=args.quiet or not ranks.is_main)  # fmt: skip
         for chunk in todo:
@@ -101,7 +129,7 @@ def cmd_score(args) -> int:
                     if errors is None:
                         raise err from None
                     log.warning("skipping %s", err)
-                    errors.write(json.dumps({"line": r.line, "error": str(err)}) + "\n")
+                    errors.write(r.line, str(err))
                     skipped += 1
                     bar.update(1)
             if not prepared:
