@@ -42,8 +42,13 @@ def main() -> None:
         state = {"max_steps": st.get("max_steps"), "epoch": st.get("epoch"),
                  "num_input_tokens_seen": st.get("num_input_tokens_seen")}  # fmt: skip
     os.makedirs(a.dest, exist_ok=True)
+    for f in os.listdir(a.dest):  # what an earlier judge left (its calibrations) goes
+        os.remove(os.path.join(a.dest, f))
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy2(os.path.join(a.run, f), os.path.join(a.dest, f))
+    for f in os.listdir(a.run):  # calibrations fit for this judge (flr eval --save-calibration)
+        if f.startswith("calibration-") and f.endswith(".json"):
+            shutil.copy2(os.path.join(a.run, f), os.path.join(a.dest, f))
     meta["settings"].pop("args", None)
     meta["provenance"] = {
         "data": {k: v for k, v in stats.items() if k != "calib_ids"}
@@ -54,7 +59,8 @@ def main() -> None:
         "steps": meta["steps"],
         "trainer_state": state,
         "train_wall_seconds": a.wall_seconds,
-        "machine": "2-core CPU (shared), torch CPU build, bf16 autocast",
+        "machine": "2-core CPU (shared), torch CPU build, "
+        + ("bf16 autocast" if meta["config"].get("bf16") else "fp32"),
     }
     with open(os.path.join(a.dest, "flr_feedback.json"), "w", encoding="utf-8") as fh:
         json.dump(meta, fh, indent=1)
