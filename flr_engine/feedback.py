@@ -575,12 +575,12 @@ def held_out_reactions(train_with: str, held_out: str) -> dict:
     """A template set (one dimension ``reaction``) of :data:`PAIR_POSITIVE` /
     :data:`PAIR_NEGATIVE` plus ``train_with``'s texts, minus every text of ``held_out``: train
     with it, and evaluating with ``held_out`` measures wording the model never saw."""
+    from flr_engine.pairwise_tune import load_reactions
     from flr_engine.templates import load_templates
 
     banned = set(load_templates(held_out).unique_texts)
-    pos, neg = dict.fromkeys(PAIR_POSITIVE), dict.fromkeys(PAIR_NEGATIVE)
-    for _, sign, text in load_templates(train_with).followups:
-        (pos if sign == "positive" else neg)[text] = None
+    pool = load_reactions(train_with)
+    pos, neg = dict.fromkeys(PAIR_POSITIVE + pool.positive), dict.fromkeys(PAIR_NEGATIVE + pool.negative)
     return {
         "name": f"reactions ({train_with} + flr-engine's, without {held_out})",
         "source": f"flr_engine.feedback.PAIR_POSITIVE/NEGATIVE + {train_with}, minus {held_out}'s texts",

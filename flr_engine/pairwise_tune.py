@@ -139,6 +139,7 @@ class PairwiseCollator:
 def margins(model, batch: dict) -> torch.Tensor:
     """``r(chosen) - r(rejected)`` per pair, (B,), differentiable (see the module docstring)."""
     from flr_engine.engine.forward import LMHead, packed_hidden_states
+    from flr_engine.ops.fused_logprob import segment_mean
 
     pack = SimpleNamespace(input_ids=batch["ids"], position_ids=batch["positions"],
                            subtree_end=batch["subtree_end"])  # what packed_hidden_states reads
@@ -146,9 +147,7 @@ def margins(model, batch: dict) -> torch.Tensor:
     head = LMHead.from_model(model)
     lp = head.logprobs(hidden, batch["targets"].to(hidden.device), rows=batch["rows"].to(hidden.device))
     seq = batch["seq"].to(lp.device)
-    n = int(seq.max()) + 1
-    per_seq = torch.zeros(n, device=lp.device, dtype=lp.dtype).index_add(0, seq, lp)
-    per_seq = per_seq / torch.bincount(seq, minlength=n).to(lp.dtype)  # lp(f), (S,)
+    per_seq = segment_mean(lp, seq, int(seq.max()) + 1)  # lp(f), (S,)
     per = per_seq.view(-1, 2, 2, batch["k"]).mean(-1)  # (B, reply, sign)
     reward = per[..., 0] - per[..., 1]  # (B, 2): r(chosen), r(rejected)
     return reward[:, 0] - reward[:, 1]
