@@ -33,7 +33,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from flr_engine.chat import (
@@ -278,7 +278,7 @@ class Miner:
 
 
 def mine(
-    miner: Miner,
+    miner: Miner | Callable[[], Miner],
     prompts: list[PromptRow],
     out_path: str,
     settings: dict,
@@ -291,18 +291,24 @@ def mine(
     """Mine every prompt not yet in ``out_path`` (or its ``.skipped.jsonl`` sidecar); rows are
     streamed to disk as they are made. ``settings`` and the content of the ``inputs`` files
     are checked against a previous run's. Under a launcher (``ranks``) each rank mines every
-    ``world``-th chunk into its own shard (see :mod:`flr_engine.distributed`)."""
+    ``world``-th chunk into its own shard (see :mod:`flr_engine.distributed`).
+
+    ``miner`` may be a function that builds the Miner: it is called only after both outputs
+    were checked, so a refused ``--out`` (other settings, changed inputs) costs no model load.
+    """
     from tqdm import tqdm
 
     ranks = ranks or Ranks()
-    mine_chunks = ranks.take(chunks(prompts, miner.config.batch_prompts))
-    stats = MineStats(prompts=sum(len(c) for c in mine_chunks))
     skipped_path = out_path + ".skipped.jsonl"
     kw = dict(resume=resume, out_flag="--out", inputs=inputs)
     with (
         ShardedOutput(out_path, settings, ranks, **kw) as out,
         ShardedOutput(skipped_path, settings, ranks, **kw) as skipped,
     ):
+        if not isinstance(miner, Miner):
+            miner = miner()
+        mine_chunks = ranks.take(chunks(prompts, miner.config.batch_prompts))
+        stats = MineStats(prompts=sum(len(c) for c in mine_chunks))
         done = out.done | skipped.done
         stats.done_before = sum(p.line in done for c in mine_chunks for p in c)
         if stats.done_before:

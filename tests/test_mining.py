@@ -85,7 +85,7 @@ def read(path):
     return [json.loads(x) for x in open(path)]
 
 
-def test_mine_end_to_end_resume_and_refusal(tmp_path, tiny_model_dir, capsys):
+def test_mine_end_to_end_resume_and_refusal(tmp_path, tiny_model_dir, capsys, monkeypatch):
     prompts, out = tmp_path / "prompts.jsonl", tmp_path / "pairs.jsonl"
     write_jsonl(prompts, PROMPTS)
     assert mine_cli(tiny_model_dir, prompts, out) == 0
@@ -115,10 +115,14 @@ def test_mine_end_to_end_resume_and_refusal(tmp_path, tiny_model_dir, capsys):
     assert mine_cli(tiny_model_dir, prompts, out) == 0
     assert read(out) == rows  # per-prompt seeding: identical samples and scores
     assert "3 already done before" in capsys.readouterr().err  # only the torn prompt redone
-    # other settings are refused and the file is untouched
+    # other settings are refused, before any model loads, and the file is untouched
+    import flr_engine.models
+
+    loads = []
+    monkeypatch.setattr(flr_engine.models, "load", lambda *a, **k: loads.append(a) or 1 / 0)
     before = open(out).read()
     assert mine_cli(tiny_model_dir, prompts, out, "--seed", "1") == 2
-    assert open(out).read() == before
+    assert open(out).read() == before and loads == []
 
 
 def test_min_margin_skips_and_counts(tmp_path, tiny_model_dir, capsys):

@@ -59,8 +59,9 @@ def register(subparsers) -> None:
 def cmd_mine(args) -> int:
     from flr_engine.chat import require_chat_template
     from flr_engine.distributed import Ranks
+    from flr_engine.io import input_files
     from flr_engine.mining import MineConfig, Miner, mine, read_prompts
-    from flr_engine.models import load
+    from flr_engine.models import load, model_files
     from flr_engine.scorer import FLRScorer
     from flr_engine.templates import load_templates
 
@@ -83,30 +84,30 @@ def cmd_mine(args) -> int:
     }
     ranks = Ranks.from_env()
     args.device = ranks.device(args.device)
-    t0 = time.time()
-    policy = load(args.policy, dtype=args.dtype, device=args.device, chat_template=template)
-    require_chat_template(policy.tokenizer, f"the policy {args.policy!r}")
-    if args.model is None or args.model == args.policy:
-        judge = policy
-    else:
-        judge = load(args.model, dtype=args.dtype, device=args.device)
-        if not getattr(judge.tokenizer, "chat_template", None) and template:
-            judge.tokenizer.chat_template = template
-        require_chat_template(judge.tokenizer, f"the follow-up model {args.model!r}")
-    scorer = FLRScorer(
-        judge.model, judge.tokenizer, templates=args.templates, engine=args.engine,
-        mode=args.mode, reduction=args.reduction, score_eot=args.score_eot,
-        dimensions=dimensions(args),
-    )  # fmt: skip
-    log.info("models loaded in %.1fs; scoring with the %s backend", time.time() - t0,
-             scorer.engine_name)  # fmt: skip
-    miner = Miner(policy.model, policy.tokenizer, scorer, config)
-    from flr_engine.io import input_files
-    from flr_engine.models import model_files
-
     inputs = input_files(args.prompts, args.templates, args.chat_template)
     inputs += model_files(args.policy) + model_files(args.model or args.policy)
-    stats = mine(miner, prompts, args.out, settings, resume=not args.overwrite,
+
+    def build_miner() -> Miner:  # called by mine() once --out is checked: a refusal costs no load
+        t0 = time.time()
+        policy = load(args.policy, dtype=args.dtype, device=args.device, chat_template=template)
+        require_chat_template(policy.tokenizer, f"the policy {args.policy!r}")
+        if args.model is None or args.model == args.policy:
+            judge = policy
+        else:
+            judge = load(args.model, dtype=args.dtype, device=args.device)
+            if not getattr(judge.tokenizer, "chat_template", None) and template:
+                judge.tokenizer.chat_template = template
+            require_chat_template(judge.tokenizer, f"the follow-up model {args.model!r}")
+        scorer = FLRScorer(
+            judge.model, judge.tokenizer, templates=args.templates, engine=args.engine,
+            mode=args.mode, reduction=args.reduction, score_eot=args.score_eot,
+            dimensions=dimensions(args),
+        )  # fmt: skip
+        log.info("models loaded in %.1fs; scoring with the %s backend", time.time() - t0,
+                 scorer.engine_name)  # fmt: skip
+        return Miner(policy.model, policy.tokenizer, scorer, config)
+
+    stats = mine(build_miner, prompts, args.out, settings, resume=not args.overwrite,
                  progress=not args.quiet, inputs=sorted(set(inputs)), ranks=ranks)  # fmt: skip
     report_summary("mine", stats.summary(), args.quiet)
     return 0
