@@ -6,7 +6,8 @@ column, so the intervals of the differences are paired.
     python scripts/compare_judges.py 135M=runs/base-llmbar 1.5B=runs/qwen-llmbar \\
         --set llmbar-Processed_MT-Bench
 
-Pairwise sets: accuracy (%, a score tie counts 0.5). Rating sets: Spearman with the rating.
+Pairwise sets: accuracy (%, a score tie counts 0.5), on all pairs and on the pairs whose
+replies differ in length by < 20%. Rating sets: Spearman with the rating.
 Refuses runs whose rows differ (the same lines must have been scored).
 """
 
@@ -16,8 +17,9 @@ import argparse
 import os
 
 import numpy as np
-from scipy.stats import spearmanr
 
+from flr_engine.evaluation.metrics import bootstrap_indices, pair_outcomes, rowwise_spearman
+from flr_engine.evaluation.set_metrics import length_controlled
 from flr_engine.io import read_output_rows
 
 
@@ -27,57 +29,63 @@ def load_rows(run: str, name: str) -> dict[int, dict]:
     return {n: r for n, r in read_output_rows(path).items() if "error" not in r}
 
 
-def columns(rows: list[dict]) -> tuple[str, dict[str, np.ndarray], np.ndarray | None]:
-    """-> (kind, {"FLR", "Direct", "Length": per-row values}, ratings or None).
-    pairwise: 1 / 0.5 / 0 per row (chosen scored above / tied / below); rating: the scores."""
+def columns(rows: list[dict]) -> tuple[str, dict[str, np.ndarray], np.ndarray | None, np.ndarray]:
+    """-> (kind, {"FLR", "Direct", "Length": per-row values}, ratings or None, length-controlled
+    mask). pairwise: 1 / 0.5 / 0 per row (chosen scored above / tied / below); rating: the
+    scores (the mask is all True)."""
     if "chosen" in rows[0]:
-        def win(key: str) -> np.ndarray:
-            d = np.array([r["chosen"][key] - r["rejected"][key] for r in rows], dtype=float)
-            return (d > 0) + 0.5 * (d == 0)
+        def side(key: str, s: str) -> np.ndarray:
+            return np.array([r[s][key] for r in rows], dtype=float)
 
-        return "pairwise", {c: win(k) for c, k in KEYS.items()}, None
+        vals = {c: pair_outcomes(side(k, "chosen") - side(k, "rejected")) for c, k in KEYS.items()}
+        lc = length_controlled(side("length", "chosen"), side("length", "rejected"))
+        return "pairwise", vals, None, lc
     vals = {c: np.array([r["response"][k] for r in rows], dtype=float) for c, k in KEYS.items()}
-    return "rating", vals, np.array([r["score"] for r in rows], dtype=float)
+    return "rating", vals, np.array([r["score"] for r in rows], dtype=float), np.ones(len(rows), bool)
 
 
 KEYS = {"FLR": "reward", "Direct": "direct", "Length": "length"}
 
 
-def metric(kind: str, v: np.ndarray, y: np.ndarray | None, idx: np.ndarray) -> float:
-    """Accuracy in % (pairwise) or Spearman with the ratings, on rows ``idx``."""
+def metric(kind: str, v: np.ndarray, y: np.ndarray | None, idx: np.ndarray) -> np.ndarray:
+    """Accuracy in % (pairwise) or Spearman with the ratings, per row of ``idx`` ``[B, n]``."""
     if kind == "pairwise":
-        return 100.0 * float(v[idx].mean())
-    return float(spearmanr(v[idx], y[idx]).statistic)
+        return 100.0 * v[idx].mean(axis=1)
+    return rowwise_spearman(v[idx], y[idx])
 
 
-def compare(runs: list[tuple[str, str]], name: str, bootstrap: int = 2000, seed: int = 0) -> dict:
+def compare(runs: list[tuple[str, str]], name: str, bootstrap: int = 2000, seed: int = 0,
+            length_control: bool = False) -> dict:  # fmt: skip
     """-> {"kind", "n", "cells": {column: (estimate, low, high)}} with columns "FLR L" and
     "Direct L" per run label L, "Length", and the paired differences "FLR L - Length" and
-    "FLR L - FLR <first L>"; the intervals resample the same rows for every column."""
+    "FLR L - FLR <first L>"; the intervals resample the same rows for every column.
+    ``length_control``: only the pairs whose replies differ in length by < 20%."""
     loaded = [(label, load_rows(d, name)) for label, d in runs]
     lines = sorted(loaded[0][1])
     for label, rows in loaded[1:]:
         if sorted(rows) != lines:
             raise SystemExit(f"{label}: other rows than {loaded[0][0]} in {name}; score the same rows")
     table: dict[str, np.ndarray] = {}
-    kind, y = "", None
+    kind, y, keep = "", None, None
     for i, (label, rows) in enumerate(loaded):
-        kind, vals, y = columns([rows[n] for n in lines])
+        kind, vals, y, keep = columns([rows[n] for n in lines])
         table[f"FLR {label}"], table[f"Direct {label}"] = vals["FLR"], vals["Direct"]
         if i == 0:
             table["Length"] = vals["Length"]
-    stats = {c: (lambda i, v=v: metric(kind, v, y, i)) for c, v in table.items()}
+    if length_control:
+        table = {c: v[keep] for c, v in table.items()}
+        y = None if y is None else y[keep]
+    n = int(next(iter(table.values())).size)
+    idx = np.concatenate([np.arange(n)[None], bootstrap_indices(n, bootstrap, seed)])
+    stats = {c: metric(kind, v, y, idx) for c, v in table.items()}  # row 0: the full sample
     flr = [f"FLR {label}" for label, _ in loaded]
-    pairs = [(c, "Length") for c in flr] + [(c, flr[0]) for c in flr[1:]]
-    for c1, c2 in pairs:
-        stats[f"{c1} - {c2}"] = lambda i, f1=stats[c1], f2=stats[c2]: f1(i) - f2(i)
-    n = len(lines)
-    rng = np.random.default_rng(seed)
-    boots = [rng.integers(0, n, n) for _ in range(bootstrap)]
+    for c1, c2 in [(c, "Length") for c in flr] + [(c, flr[0]) for c in flr[1:]]:
+        stats[f"{c1} - {c2}"] = stats[c1] - stats[c2]
     cells = {}
-    for c, f in stats.items():
-        lo, hi = np.nanpercentile([f(b) for b in boots], [2.5, 97.5])  # a resample may be constant
-        cells[c] = (f(np.arange(n)), float(lo), float(hi))
+    for c, st in stats.items():
+        boot = st[1:][~np.isnan(st[1:])]  # a resample may be constant (no correlation)
+        lo, hi = np.percentile(boot, [2.5, 97.5]) if boot.size else (np.nan, np.nan)
+        cells[c] = (float(st[0]), float(lo), float(hi))
     return {"kind": kind, "n": n, "cells": cells}
 
 
@@ -92,12 +100,16 @@ def main() -> None:
     if any(len(r) != 2 for r in runs):
         ap.error("each run is LABEL=DIR")
     res = compare(runs, a.set, a.bootstrap, a.seed)
+    views = [("all rows", res)]
+    if res["kind"] == "pairwise":
+        views.append(("replies within 20% in length", compare(runs, a.set, a.bootstrap, a.seed, True)))
     fmt = "{:.1f} [{:.1f}, {:.1f}]" if res["kind"] == "pairwise" else "{:.3f} [{:.3f}, {:.3f}]"
     what = "accuracy %" if res["kind"] == "pairwise" else "Spearman"
-    print(f"{a.set}: {res['n']} rows, {what}, 95% paired bootstrap ({a.bootstrap})\n")
-    print("| column | value |\n|---|---|")
-    for c, cell in res["cells"].items():
-        print(f"| {c} | {fmt.format(*cell)} |")
+    print(f"{a.set}: {what}, 95% paired bootstrap ({a.bootstrap})\n")
+    print("| column | " + " | ".join(f"{v} (n={r['n']})" for v, r in views) + " |")
+    print("|---|" + "---|" * len(views))
+    for c in res["cells"]:
+        print(f"| {c} | " + " | ".join(fmt.format(*r["cells"][c]) for _, r in views) + " |")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def test_pairwise_accuracies_and_paired_differences(judges, tmp_path):
     # Direct A: right on 1 and 2 -> 50%; Length (chosen longer): rows 1, 2, 3 -> 75%
     a = [{"line": i, "chosen": side(rc, dc, lc), "rejected": side(rr, dr, lr)}
          for i, (rc, rr, dc, dr, lc, lr) in enumerate(
-             [(1, 0, 1, 0, 9, 1), (0, 1, 1, 0, 9, 1), (0.5, 0.5, 0, 1, 9, 1), (1, 0, 0, 1, 1, 9)], 1)]  # fmt: skip
+             [(1, 0, 1, 0, 9, 1), (0, 1, 1, 0, 9, 1), (0.5, 0.5, 0, 1, 10, 9), (1, 0, 0, 1, 1, 9)], 1)]  # fmt: skip
     b = [{"line": r["line"], "chosen": side(1, 0, 0), "rejected": side(0, 0, 0)} for r in a]
     b.append({"line": 9, "error": "bad row"})  # error rows are not scored rows
     write_run(tmp_path / "A", "p", a)
@@ -51,6 +51,10 @@ def test_pairwise_accuracies_and_paired_differences(judges, tmp_path):
     assert c["FLR B - FLR A"] == 37.5
     lo, hi = res["cells"]["FLR B - FLR A"][1:]
     assert 0.0 <= lo <= 37.5 <= hi <= 100.0  # B is never below A on a row: no negative resample
+    # length-controlled: only row 3 (lengths 10 vs 9) is within 20%; there A ties, B is right
+    lc = judges.compare([("A", str(tmp_path / "A")), ("B", str(tmp_path / "B"))], "p", 50, 0, True)
+    c = {k: v[0] for k, v in lc["cells"].items()}
+    assert lc["n"] == 1 and c["FLR A"] == 50.0 and c["FLR B"] == 100.0 and c["Length"] == 100.0
 
 
 def test_rating_spearman_and_row_mismatch(judges, tmp_path):
