@@ -68,10 +68,10 @@ def compare(runs: list[tuple[str, str]], name: str, bootstrap: int = 2000, seed:
     table: dict[str, np.ndarray] = {}
     kind, y, keep = "", None, None
     for i, (label, rows) in enumerate(loaded):
-        kind, vals, y, keep = columns([rows[n] for n in lines])
+        kind, vals, y, mask = columns([rows[n] for n in lines])
         table[f"FLR {label}"], table[f"Direct {label}"] = vals["FLR"], vals["Direct"]
-        if i == 0:
-            table["Length"] = vals["Length"]
+        if i == 0:  # Length, and the length-controlled pairs, from the first run's rows
+            table["Length"], keep = vals["Length"], mask
     if length_control:
         table = {c: v[keep] for c, v in table.items()}
         y = None if y is None else y[keep]
