@@ -18,7 +18,13 @@ import os
 
 import numpy as np
 
-from flr_engine.evaluation.metrics import bootstrap_indices, pair_outcomes, rowwise_spearman
+from flr_engine.evaluation.metrics import (
+    DEFAULT_LEVEL,
+    _interval,
+    bootstrap_indices,
+    pair_outcomes,
+    rowwise_spearman,
+)
 from flr_engine.evaluation.set_metrics import length_controlled
 from flr_engine.io import read_output_rows
 
@@ -54,12 +60,10 @@ def metric(kind: str, v: np.ndarray, y: np.ndarray | None, idx: np.ndarray) -> n
     return rowwise_spearman(v[idx], y[idx])
 
 
-def compare(runs: list[tuple[str, str]], name: str, bootstrap: int = 2000, seed: int = 0,
-            length_control: bool = False) -> dict:  # fmt: skip
-    """-> {"kind", "n", "cells": {column: (estimate, low, high)}} with columns "FLR L" and
-    "Direct L" per run label L, "Length", and the paired differences "FLR L - Length" and
-    "FLR L - FLR <first L>"; the intervals resample the same rows for every column.
-    ``length_control``: only the pairs whose replies differ in length by < 20%."""
+def judge_table(runs: list[tuple[str, str]], name: str) -> tuple[str, dict, np.ndarray | None, np.ndarray]:
+    """Read each run's rows of set ``name`` once -> (kind, {column: per-row values}, ratings or
+    None, length-controlled mask); columns "FLR L" and "Direct L" per run label L, then
+    "Length" (Length and the mask from the first run's rows)."""
     loaded = [(label, load_rows(d, name)) for label, d in runs]
     lines = sorted(loaded[0][1])
     for label, rows in loaded[1:]:
@@ -70,23 +74,36 @@ def compare(runs: list[tuple[str, str]], name: str, bootstrap: int = 2000, seed:
     for i, (label, rows) in enumerate(loaded):
         kind, vals, y, mask = columns([rows[n] for n in lines])
         table[f"FLR {label}"], table[f"Direct {label}"] = vals["FLR"], vals["Direct"]
-        if i == 0:  # Length, and the length-controlled pairs, from the first run's rows
+        if i == 0:
             table["Length"], keep = vals["Length"], mask
-    if length_control:
-        table = {c: v[keep] for c, v in table.items()}
-        y = None if y is None else y[keep]
+    return kind, table, y, keep
+
+
+def paired_cells(kind: str, table: dict, y: np.ndarray | None, labels: list[str],
+                 bootstrap: int = 2000, seed: int = 0) -> dict:  # fmt: skip
+    """-> {"kind", "n", "cells": {column: (estimate, low, high)}}: every column of ``table``
+    and the paired differences "FLR L - Length" and "FLR L - FLR <first L>"; the intervals
+    resample the same rows for every column."""
     n = int(next(iter(table.values())).size)
     idx = np.concatenate([np.arange(n)[None], bootstrap_indices(n, bootstrap, seed)])
     stats = {c: metric(kind, v, y, idx) for c, v in table.items()}  # row 0: the full sample
-    flr = [f"FLR {label}" for label, _ in loaded]
+    flr = [f"FLR {label}" for label in labels]
     for c1, c2 in [(c, "Length") for c in flr] + [(c, flr[0]) for c in flr[1:]]:
         stats[f"{c1} - {c2}"] = stats[c1] - stats[c2]
-    cells = {}
-    for c, st in stats.items():
-        boot = st[1:][~np.isnan(st[1:])]  # a resample may be constant (no correlation)
-        lo, hi = np.percentile(boot, [2.5, 97.5]) if boot.size else (np.nan, np.nan)
-        cells[c] = (float(st[0]), float(lo), float(hi))
+    # a resample may be constant (no correlation): _interval leaves its NaN out
+    cells = {c: (float(st[0]), *_interval(st[1:], DEFAULT_LEVEL)) for c, st in stats.items()}
     return {"kind": kind, "n": n, "cells": cells}
+
+
+def compare(runs: list[tuple[str, str]], name: str, bootstrap: int = 2000, seed: int = 0,
+            length_control: bool = False) -> dict:  # fmt: skip
+    """:func:`paired_cells` of :func:`judge_table`; ``length_control``: only the pairs whose
+    replies differ in length by < 20%."""
+    kind, table, y, keep = judge_table(runs, name)
+    if length_control:
+        table = {c: v[keep] for c, v in table.items()}
+        y = None if y is None else y[keep]
+    return paired_cells(kind, table, y, [label for label, _ in runs], bootstrap, seed)
 
 
 def main() -> None:
@@ -99,10 +116,13 @@ def main() -> None:
     runs = [tuple(r.split("=", 1)) for r in a.runs]
     if any(len(r) != 2 for r in runs):
         ap.error("each run is LABEL=DIR")
-    res = compare(runs, a.set, a.bootstrap, a.seed)
+    kind, table, y, keep = judge_table(runs, a.set)
+    labels = [label for label, _ in runs]
+    res = paired_cells(kind, table, y, labels, a.bootstrap, a.seed)
     views = [("all rows", res)]
-    if res["kind"] == "pairwise":
-        views.append(("replies within 20% in length", compare(runs, a.set, a.bootstrap, a.seed, True)))
+    if kind == "pairwise":
+        lc = paired_cells(kind, {c: v[keep] for c, v in table.items()}, None, labels, a.bootstrap, a.seed)
+        views.append(("replies within 20% in length", lc))
     fmt = "{:.1f} [{:.1f}, {:.1f}]" if res["kind"] == "pairwise" else "{:.3f} [{:.3f}, {:.3f}]"
     what = "accuracy %" if res["kind"] == "pairwise" else "Spearman"
     print(f"{a.set}: {what}, 95% paired bootstrap ({a.bootstrap})\n")
