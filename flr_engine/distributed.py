@@ -22,10 +22,13 @@ import glob
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from flr_engine.io import OutputWriteError, ResumableWriter, read_output_rows
+
+T = TypeVar("T")
 
 log = logging.getLogger("flr_engine")
 
@@ -95,6 +98,21 @@ class Ranks:
         self._group().broadcast_object_list(box, src=0)
         return box[0]
 
+    def on_main(self, fn: Callable[[], T]) -> T | None:
+        """``fn()`` on rank 0 only: its result there, None on the other ranks, which wait for
+        it. An exception on rank 0 is raised on every rank, so all stop with its message (an
+        output check done by every rank at once would race with rank 0's first writes)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                error = exc
+        error = self.broadcast(error)
+        if error is not None:
+            raise error
+        return result
+
 
 def chunks(items: Sequence, size: int) -> list[list]:
     """``items`` cut into consecutive chunks of ``size`` (the last may be shorter)."""
@@ -126,18 +144,16 @@ class ShardedOutput:
             self.main = ResumableWriter(path, settings, **kw)
             self.own, self.done = self.main, self.main.done
             return
-        self.main, error = None, None
-        if ranks.is_main:
+
+        def open_main() -> ResumableWriter:
             try:
-                self.main = ResumableWriter(path, settings, **kw)
-            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                error = exc
-            if not resume:  # --overwrite: earlier shards are stale
-                for old in shard_paths(path):
-                    _remove_shard(old)
-        error = ranks.broadcast(error)
-        if error is not None:
-            raise error
+                return ResumableWriter(path, settings, **kw)
+            finally:
+                if not resume:  # --overwrite: earlier shards are stale
+                    for old in shard_paths(path):
+                        _remove_shard(old)
+
+        self.main = ranks.on_main(open_main)
         self.own = ResumableWriter(f"{path}.shard-{ranks.rank}", settings, **kw)
         ranks.barrier()  # every shard is open (torn tails cut): now read what is done
         self.done = set(read_output_rows(path))

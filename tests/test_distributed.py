@@ -98,6 +98,25 @@ def test_rank_zero_checks_the_output_for_everyone(tmp_path):
     assert out.read_text() == '{"mine": 1}\n' and shard_paths(str(out)) == []
 
 
+def test_on_main_runs_on_rank_zero_only_and_its_error_stops_every_rank():
+    class Relay(Sequential):  # rank 1 receives what rank 0 broadcast
+        sent = None
+
+        def broadcast(self, obj):
+            if self.is_main:
+                Relay.sent = obj
+            return Relay.sent
+
+    calls = []
+    assert Relay(0, 2).on_main(lambda: calls.append(0) or "made") == "made"
+    assert Relay(1, 2).on_main(lambda: calls.append(1) or "made") is None
+    assert calls == [0]  # rank 1 neither checked nor created anything
+    with pytest.raises(OutputConflictError, match="refused"):
+        Relay(0, 2).on_main(lambda: (_ for _ in ()).throw(OutputConflictError("refused")))
+    with pytest.raises(OutputConflictError, match="refused"):
+        Relay(1, 2).on_main(lambda: calls.append(1))
+    assert calls == [0]
+
 # --- the real launcher -------------------------------------------------------------------
 
 MANY = [

@@ -221,13 +221,14 @@ def run_eval(
             raise ConfigError(
                 f"--calibrate-on {cfg.calibrate_on!r}: calibration needs a pairwise set"
             )
-    claim_output_folder(cfg.out, "flr eval", earlier=("sets",))  # sets/: runs before the marker
+    ranks = Ranks.from_env()
+    # rank 0 claims the folder; sets/: runs before the marker
+    ranks.on_main(lambda: claim_output_folder(cfg.out, "flr eval", earlier=("sets",)))
     t0 = time.time()
     get_scorer = _Lazy(scorer_factory)
     get_rm = _Lazy(rm_factory) if rm_factory is not None and cfg.reward_model else None
     results = {}
     busy = []  # sets another process is scoring into the same --out: left out of this report
-    ranks = Ranks.from_env()
     for es in sets:
         r = evaluate_set(es, cfg, templates, get_scorer, get_rm, ranks)
         if r.get("busy"):
